@@ -1,0 +1,55 @@
+"""refimpl: a readable NumPy reference implementation of Llama 2, Open-Llama and OPT that matches transformers 4.46.3.
+
+    import refimpl
+    model = refimpl.load("path/to/checkpoint")          # the class named by config.json
+    out = model(input_ids=[[1, 17, 42]])                 # out.logits: [1, 3, vocab] float32
+
+Needs NumPy only (sentencepiece is imported when a Llama tokenizer is loaded).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .config import LlamaConfig, OPTConfig, from_hf_config, read_config
+from .errors import CheckpointError, ConfigError, InputError, RefimplError
+from .llama import (LlamaForCausalLM, LlamaForSequenceClassification, LlamaModel, OpenLlamaForCausalLM,
+                    OpenLlamaForSequenceClassification, OpenLlamaModel)
+from .opt import OPTForCausalLM, OPTForQuestionAnswering, OPTForSequenceClassification, OPTModel
+from .outputs import ModelOutput
+
+__version__ = "0.1.0"
+
+# config.json "architectures"[0] -> class; model_type -> the causal-LM class when architectures is absent.
+ARCHITECTURES = {cls.__name__: cls for cls in (
+    LlamaModel, LlamaForCausalLM, LlamaForSequenceClassification,
+    OpenLlamaModel, OpenLlamaForCausalLM, OpenLlamaForSequenceClassification,
+    OPTModel, OPTForCausalLM, OPTForSequenceClassification, OPTForQuestionAnswering,
+)}
+CAUSAL_LM_FOR_MODEL_TYPE = {"llama": LlamaForCausalLM, "open-llama": OpenLlamaForCausalLM, "opt": OPTForCausalLM}
+
+
+def load(path, dtype=np.float32):
+    """A Hugging Face checkpoint folder -> the model class its config.json names, computing in `dtype`."""
+    config = read_config(path)
+    architectures = config.architectures
+    if architectures:
+        cls = ARCHITECTURES.get(architectures[0])
+        if cls is None:
+            raise ConfigError(f"config.json architectures[0]={architectures[0]!r} is not a class refimpl implements "
+                              f"({', '.join(ARCHITECTURES)})")
+    else:
+        cls = CAUSAL_LM_FOR_MODEL_TYPE[config.family]
+    return cls.from_pretrained(path, dtype=dtype)
+
+
+def load_tokenizer(path):
+    """A tokenizer folder (tokenizer.model or vocab.json + merges.txt) -> a tokenizer (see refimpl.tokenizers)."""
+    from .tokenizers import load_tokenizer as _load_tokenizer
+
+    return _load_tokenizer(path)
+
+
+__all__ = [
+    "load", "load_tokenizer", "LlamaConfig", "OPTConfig", "from_hf_config", "read_config", "ModelOutput",
+    "RefimplError", "ConfigError", "CheckpointError", "InputError", *ARCHITECTURES,
+]

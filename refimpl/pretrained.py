@@ -1,0 +1,101 @@
+"""What every model class shares: loading a checkpoint folder into a parameter tree, and the head weights.
+
+A model object holds its config, its parameters (read-only arrays, memory-mapped where possible), its compute
+dtype and the two pieces of state transformers keeps on a model: the RoPE frequencies of dynamic NTK scaling and
+the problem_type a sequence-classification loss picks on first use. The KV cache is never stored here: it is
+passed in and returned.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .config import read_config
+from .errors import CheckpointError, ConfigError
+from .inputs import integer_array
+from .weights import HEADS, read_checkpoint, rename, take
+
+SUPPORTED_DTYPES = (np.float32, np.float64)
+
+
+def compute_dtype(dtype):
+    """np.float32 (default) or np.float64 (audit mode) as a NumPy scalar type."""
+    try:
+        scalar = np.dtype(dtype).type
+    except TypeError:
+        scalar = None
+    if scalar not in SUPPORTED_DTYPES:
+        raise ConfigError(f"dtype={dtype!r}: refimpl computes in float32, or float64 as an audit mode")
+    return scalar
+
+
+class PreTrainedModel:
+    family = ""  # "llama" | "open-llama" | "opt"
+    model_type = ""
+    head = ""  # "base" | "causal_lm" | "seq_cls" | "qa"
+
+    def __init__(self, config, params, dtype=np.float32):
+        self.config = config
+        self.params = params
+        self.dtype = compute_dtype(dtype)
+        self.problem_type = getattr(config, "problem_type", None)
+        self._init_state()
+
+    def _init_state(self):
+        pass
+
+    @classmethod
+    def from_pretrained(cls, path, dtype=np.float32):
+        """A Hugging Face checkpoint folder (config.json + model.safetensors) -> this class, weights in `dtype`."""
+        dtype = compute_dtype(dtype)
+        config = read_config(path)
+        if config.family != cls.family:
+            raise ConfigError(f"{path}: config.json model_type is {config.family!r}, not {cls.model_type!r}: "
+                              f"use refimpl.load(path) or the {config.family} class")
+        tensors = read_checkpoint(path)
+        family = "opt" if config.family == "opt" else "llama"
+        top, layers = rename(tensors, family, config.num_hidden_layers)
+        params = cls._parameters(config, top, layers, dtype)
+        params.update(cls._head_parameters(config, top, params, dtype))
+        _check_all_used(top, layers)
+        return cls(config, params, dtype)
+
+    @classmethod
+    def _head_parameters(cls, cfg, top, params, dtype):
+        """lm_head / score / qa_outputs, with tying handled: a missing lm_head is the embedding when tied."""
+        embed_dim = getattr(cfg, "word_embed_proj_dim", cfg.hidden_size)
+        if cls.head == "causal_lm":
+            if getattr(cfg, "shared_input_output_embedding", False):
+                return {}  # Open-Llama: logits from embed_tokens itself, no lm_head at all
+            if cfg.tie_word_embeddings:
+                if "lm_head" in top:
+                    stored = top.pop("lm_head")
+                    if stored.shape != params["embed_tokens"].shape or not np.array_equal(stored, params["embed_tokens"]):
+                        raise CheckpointError("checkpoint has an lm_head.weight that differs from embed_tokens.weight, "
+                                              "but config.json says tie_word_embeddings=true")
+                return {"lm_head": params["embed_tokens"]}
+            return {"lm_head": take(top, "lm_head", (cfg.vocab_size, embed_dim), dtype)}
+        if cls.head == "seq_cls":
+            return {"score": take(top, "score", (cfg.num_labels, embed_dim), dtype)}
+        if cls.head == "qa":
+            return {"qa_outputs": take(top, "qa_outputs", (2, embed_dim), dtype),
+                    "qa_outputs_bias": take(top, "qa_outputs_bias", (2,), dtype)}
+        return {}
+
+    def _labels(self, labels):
+        return integer_array(labels, "labels", 2)
+
+    def __repr__(self):
+        c = self.config
+        return (f"{type(self).__name__}(layers={c.num_hidden_layers}, hidden={c.hidden_size}, "
+                f"vocab={c.vocab_size}, dtype={np.dtype(self.dtype).name})")
+
+
+def _check_all_used(top, layers):
+    """Every tensor of the checkpoint was consumed, except head weights of another class (transformers ignores those)."""
+    leftovers = [name for name in top if name not in HEADS.values()]
+    leftovers += [f"layers.{i}.{name}" for i, layer in enumerate(layers) for name in layer]
+    if leftovers:
+        raise CheckpointError(f"checkpoint tensor {leftovers[0]!r} is not used by this config "
+                              f"({len(leftovers)} unused in all); config.json and the weights disagree")
+
+
