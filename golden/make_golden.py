@@ -503,6 +503,78 @@ def build_case(case: Case, root: Path) -> dict:
     return meta
 
 
+# ----------------------------------------------------------------------------------------
+# Generation goldens: transformers' generate() on the saved golden models
+# ----------------------------------------------------------------------------------------
+GENERATION_MODELS = ["llama_mha", "llama_gqa_bias", "llama_rope_dynamic", "openllama_default", "opt_preln",
+                     "opt_350m_like"]
+GEN_SEED = 7
+
+
+def load_saved(root: Path, name: str):
+    case = CASE_BY_NAME[name]
+    model = case.cls.from_pretrained(root / "models" / name, attn_implementation=ATTN)
+    return model.eval()
+
+
+def generation_runs(model, name: str):
+    """(run name, inputs, kwargs) for one model; eos-dependent runs look at a plain greedy run first."""
+    config = model.config
+    g = torch.Generator().manual_seed(GEN_SEED + sum(map(ord, name)))
+    low, high = 3, config.vocab_size - 1
+
+    def ids(*shape):
+        return torch.randint(low, high, shape, generator=g)
+
+    one = ids(1, 8)
+    two = ids(2, 8)
+    pad_fill = config.pad_token_id if config.pad_token_id is not None else 0
+    padded = two.clone()
+    padded[1, :3] = pad_fill
+    mask = torch.ones_like(padded)
+    mask[1, :3] = 0
+    runs = [("greedy", {"input_ids": one}, {"max_new_tokens": 24}),
+            ("max_length", {"input_ids": one}, {"max_length": 12}),
+            ("greedy_leftpad", {"input_ids": padded, "attention_mask": mask}, {"max_new_tokens": 12})]
+    with torch.no_grad():
+        plain = model.generate(two, attention_mask=torch.ones_like(two), max_new_tokens=16, do_sample=False)
+    stop = int(plain[0, 8 + 3])  # row 0's 4th new token: row 0 stops there, row 1 runs on (pad-filled rows)
+    runs.append(("greedy_eos", {"input_ids": two, "attention_mask": torch.ones_like(two)},
+                 {"max_new_tokens": 16, "eos_token_id": stop}))
+    first = int(plain[0, 8])
+    runs.append(("greedy_processors", {"input_ids": two, "attention_mask": torch.ones_like(two)},
+                 {"max_new_tokens": 10, "repetition_penalty": 1.5, "min_new_tokens": 6, "eos_token_id": first,
+                  "output_scores": True, "return_dict_in_generate": True}))
+    runs.append(("sample_scores", {"input_ids": padded, "attention_mask": mask},
+                 {"max_new_tokens": 6, "do_sample": True, "temperature": 0.7, "top_k": 10, "top_p": 0.8,
+                  "repetition_penalty": 1.2, "output_scores": True, "return_dict_in_generate": True}))
+    runs.append(("sample_default_topk", {"input_ids": one},
+                 {"max_new_tokens": 4, "do_sample": True, "output_scores": True, "return_dict_in_generate": True}))
+    return runs
+
+
+@torch.no_grad()
+def build_generation(root: Path, name: str):
+    model = load_saved(root, name)
+    arrays, meta = {}, {"model": name, "class": CASE_BY_NAME[name].cls.__name__, "seed": GEN_SEED, "runs": []}
+    for run, inputs, kwargs in generation_runs(model, name):
+        torch.manual_seed(GEN_SEED)
+        out = model.generate(**inputs, **kwargs)
+        sequences = out.sequences if hasattr(out, "sequences") else out
+        for k, v in inputs.items():
+            arrays[f"{run}.in.{k}"] = to_np(v)
+        arrays[f"{run}.out.sequences"] = to_np(sequences)
+        if getattr(out, "scores", None) is not None:
+            arrays[f"{run}.out.scores"] = np.stack([to_np(t) for t in out.scores])  # [steps, B, V]
+        settings = {k: v for k, v in kwargs.items() if k not in ("output_scores", "return_dict_in_generate")}
+        meta["runs"].append({"name": run, "inputs": list(inputs), "kwargs": settings})
+    arrays["meta"] = np.array(json.dumps(meta))
+    (root / "generation").mkdir(exist_ok=True)
+    path = root / "generation" / f"{name}.npz"
+    write_npz(path, arrays)
+    print(f"generation/{name}.npz {path.stat().st_size/1e3:.1f} kB ({len(meta['runs'])} runs)", flush=True)
+
+
 def versions() -> dict:
     return {"python": sys.version.split()[0], "torch": torch.__version__,
             "transformers": transformers.__version__, "numpy": np.__version__,
@@ -521,11 +593,12 @@ def write_manifest(root: Path):
                          "description": c.description, "config": c.config,
                          "calls": calls}
     files = {}
-    for sub in ("models", "cases"):
+    for sub in ("models", "cases", "generation"):
         for p in sorted((root / sub).rglob("*")):
             if p.is_file():
                 files[p.relative_to(root).as_posix()] = sha256(p)
     manifest = {"versions": versions(), "attn_implementation": ATTN, "dtype": "float32",
+                "generation_models": GENERATION_MODELS, "generation_seed": GEN_SEED,
                 "torch_num_threads": torch.get_num_threads(), "cases": cases, "files": files}
     (root / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
 
@@ -545,6 +618,9 @@ def build(root: Path, names: list[str]):
     for p in (root / "models").iterdir():
         if p.is_dir() and p.name not in known:
             shutil.rmtree(p)
+    for n in GENERATION_MODELS:
+        if n in names:
+            build_generation(root, n)
     write_manifest(root)
     m, c = dir_size(root / "models"), dir_size(root / "cases")
     print(f"total: models {m/1e6:.2f} MB, cases {c/1e6:.2f} MB, models+cases {(m+c)/1e6:.2f} MB; "
@@ -572,7 +648,7 @@ def compare(ref: Path, new: Path) -> bool:
             print(f"{c.name}: arrays equal ({len(ka)})")
     def hashes(root: Path) -> dict:   # hash the files actually on disk, not what a manifest claims
         return {p.relative_to(root).as_posix(): sha256(p)
-                for sub in ("models", "cases") for p in sorted((root / sub).rglob("*")) if p.is_file()}
+                for sub in ("models", "cases", "generation") for p in sorted((root / sub).rglob("*")) if p.is_file()}
     fa, fb = hashes(ref), hashes(new)
     diff = sorted(k for k in set(fa) | set(fb) if fa.get(k) != fb.get(k))
     if diff:
@@ -604,7 +680,7 @@ def main(argv=None):
         with tempfile.TemporaryDirectory() as td:
             tmp = Path(td)
             if args.case:   # start from a copy so the manifest covers every case
-                for sub in ("models", "cases"):
+                for sub in ("models", "cases", "generation"):
                     if (GOLDEN / sub).exists():
                         shutil.copytree(GOLDEN / sub, tmp / sub)
             (tmp / "models").mkdir(exist_ok=True)

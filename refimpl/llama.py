@@ -222,6 +222,11 @@ class LlamaForCausalLM(_LlamaBase):
         return out
 
 
+    def generation_forward_kwargs(self):
+        # transformers' generate asks Llama for the last position's logits only (generation/utils.py:2066)
+        return {"num_logits_to_keep": 1} if self.family == "llama" else {}
+
+
 class LlamaForSequenceClassification(_LlamaBase):
     """Decoder + score (no bias) on every position, pooled at the token before the first pad: logits [B, num_labels]."""
 

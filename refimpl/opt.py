@@ -158,6 +158,10 @@ class _OPTBase(PreTrainedModel):
                               attentions=attn if output_attentions else None)
 
 
+    def max_sequence_length(self):
+        return self.config.max_position_embeddings  # the learned position table ends there
+
+
 class OPTModel(_OPTBase):
     """The bare decoder: last_hidden_state [B, S, E] (after the final LayerNorm and project_out)."""
 

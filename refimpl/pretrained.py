@@ -7,10 +7,13 @@ passed in and returned.
 """
 from __future__ import annotations
 
+import json
+import os
+
 import numpy as np
 
 from .config import read_config
-from .errors import CheckpointError, ConfigError
+from .errors import CheckpointError, ConfigError, InputError
 from .inputs import integer_array
 from .weights import HEADS, read_checkpoint, rename, take
 
@@ -38,6 +41,7 @@ class PreTrainedModel:
         self.params = params
         self.dtype = compute_dtype(dtype)
         self.problem_type = getattr(config, "problem_type", None)
+        self.generation_config = generation_defaults_from_config(config)
         self._init_state()
 
     def _init_state(self):
@@ -57,7 +61,9 @@ class PreTrainedModel:
         params = cls._parameters(config, top, layers, dtype)
         params.update(cls._head_parameters(config, top, params, dtype))
         _check_all_used(top, layers)
-        return cls(config, params, dtype)
+        model = cls(config, params, dtype)
+        model.generation_config = read_generation_config(path, config)
+        return model
 
     @classmethod
     def _head_parameters(cls, cfg, top, params, dtype):
@@ -81,6 +87,26 @@ class PreTrainedModel:
                     "qa_outputs_bias": take(top, "qa_outputs_bias", (2,), dtype)}
         return {}
 
+    def generate(self, input_ids, attention_mask=None, max_new_tokens=None, max_length=None, min_new_tokens=None,
+                 do_sample=None, temperature=None, top_k=None, top_p=None, repetition_penalty=None,
+                 eos_token_id=None, pad_token_id=None, seed=None, streamer=None, rng=None):
+        """Prompt ids [B, L] -> sequences [B, L + new]: greedy by default, transformers' semantics (refimpl.generate)."""
+        if self.head != "causal_lm":
+            raise InputError(f"{type(self).__name__} has no language-model head to generate with")
+        from .generate import generate
+
+        return generate(self, input_ids, attention_mask, max_new_tokens, max_length, min_new_tokens, do_sample,
+                        temperature, top_k, top_p, repetition_penalty, eos_token_id, pad_token_id, seed, streamer,
+                        rng)
+
+    def max_sequence_length(self):
+        """The most positions a forward may reach (OPT's learned table), or None when RoPE has no hard limit."""
+        return None
+
+    def generation_forward_kwargs(self):
+        """Extra forward arguments transformers' generate passes for this class."""
+        return {}
+
     def _labels(self, labels):
         return integer_array(labels, "labels", 2)
 
@@ -88,6 +114,28 @@ class PreTrainedModel:
         c = self.config
         return (f"{type(self).__name__}(layers={c.num_hidden_layers}, hidden={c.hidden_size}, "
                 f"vocab={c.vocab_size}, dtype={np.dtype(self.dtype).name})")
+
+
+def generation_defaults_from_config(config):
+    """GenerationConfig.from_model_config: the non-None bos/eos/pad ids of config.json."""
+    ids = {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id,
+           "pad_token_id": config.pad_token_id}
+    return {k: v for k, v in ids.items() if v is not None}
+
+
+def read_generation_config(path, config):
+    """generation_config.json when the checkpoint has one, else the defaults taken from config.json."""
+    file = os.path.join(path, "generation_config.json")
+    if not os.path.exists(file):
+        return generation_defaults_from_config(config)
+    try:
+        with open(file, encoding="utf-8") as f:
+            values = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{file}: not valid JSON ({exc})") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"{file}: expected a JSON object")
+    return values
 
 
 def _check_all_used(top, layers):
