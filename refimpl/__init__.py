@@ -28,8 +28,28 @@ ARCHITECTURES = {cls.__name__: cls for cls in (
 CAUSAL_LM_FOR_MODEL_TYPE = {"llama": LlamaForCausalLM, "open-llama": OpenLlamaForCausalLM, "opt": OPTForCausalLM}
 
 
-def load(path, dtype=np.float32):
-    """A Hugging Face checkpoint folder -> the model class its config.json names, computing in `dtype`."""
+BACKENDS = ("numpy", "numba", "cuda")
+
+
+def load(path, dtype=np.float32, backend="numpy", **backend_options):
+    """A Hugging Face checkpoint folder -> the model class its config.json names, computing in `dtype`.
+
+    backend="numpy" is this package, the reference. "numba" and "cuda" hand the same checkpoint to accel/, whose
+    models have the same call and generate API (backend_options such as weights= or threads= go there).
+    """
+    if backend not in BACKENDS:
+        raise ConfigError(f"backend={backend!r}: choose one of {', '.join(BACKENDS)}")
+    if backend != "numpy":
+        try:
+            import accel
+        except ImportError as exc:  # accel's own dependencies are extras
+            raise ConfigError(f"backend={backend!r} needs the accel package and its extras "
+                              f"(pip install 'refimpl[accel]'): {exc}") from None
+        if not hasattr(accel, "load"):
+            raise ConfigError(f"backend={backend!r} is not implemented in this version of accel")
+        return accel.load(path, dtype=dtype, backend=backend, **backend_options)
+    if backend_options:
+        raise ConfigError(f"options {sorted(backend_options)} apply to the accel backends, not to backend='numpy'")
     config = read_config(path)
     architectures = config.architectures
     if architectures:
@@ -42,11 +62,14 @@ def load(path, dtype=np.float32):
     return cls.from_pretrained(path, dtype=dtype)
 
 
-def load_tokenizer(path):
-    """A tokenizer folder (tokenizer.model or vocab.json + merges.txt) -> a tokenizer (see refimpl.tokenizers)."""
+def load_tokenizer(path, **overrides):
+    """A tokenizer folder (tokenizer.model or vocab.json + merges.txt) -> a tokenizer (see refimpl.tokenizers).
+
+    Keyword overrides replace tokenizer_config.json values, e.g. load_tokenizer(path, legacy=False).
+    """
     from .tokenizers import load_tokenizer as _load_tokenizer
 
-    return _load_tokenizer(path)
+    return _load_tokenizer(path, **overrides)
 
 
 __all__ = [

@@ -1,0 +1,33 @@
+"""Errors raised by refimpl.tokenizers.
+
+Every error names the bad value or the bad file. Each one is a RefimplError (a ValueError); the one for
+wrong types is also a TypeError. So a caller can catch it without knowing this package. Errors from the
+libraries underneath (json, sentencepiece, UTF-8 codecs) are caught where they happen and re-raised as
+one of these.
+"""
+
+from ..errors import RefimplError
+
+
+class TokenizerFileError(RefimplError):
+    """A tokenizer file is missing, unreadable or malformed. The message names the file."""
+
+
+class UnsupportedTokenizerError(TokenizerFileError):
+    """The files describe a tokenizer (class, model type, pipeline component) that we do not implement."""
+
+
+class InvalidTokenIdError(RefimplError):
+    """An id passed to decode is outside the vocabulary. The message names the id and the valid range."""
+
+
+class InvalidTextError(RefimplError):
+    """Text that cannot be tokenized: a lone surrogate cannot be written as UTF-8."""
+
+
+class TokenizerUsageError(RefimplError):
+    """An argument with a bad value: a padding mode, a padding side, a batch that cannot be padded as asked."""
+
+
+class InputTypeError(RefimplError, TypeError):
+    """Something that is not a string was given as text, or something that is not an int as an id."""

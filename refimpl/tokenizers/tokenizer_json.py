@@ -1,0 +1,342 @@
+"""tokenizer.json read in pure Python, for when sentencepiece is not installed (Llama) or there is no vocab.json (OPT).
+
+For Llama this reproduces LlamaTokenizerFast, not the slow LlamaTokenizer: tokenizer.json describes the
+fast tokenizer's pipeline, and we run exactly the subset that Llama files use (tokenizers 0.20.3):
+  added tokens -> normalizer (Prepend "▁", Replace " " by "▁") or pre-tokenizer (Metaspace)
+  -> BPE with merge ranks and byte fallback -> decoder (Replace "▁" by " ", ByteFallback, Fuse, Strip).
+Any other component type is refused with an error that names it, rather than guessed at.
+For OPT only the vocabulary and merges are taken from it; GPT2Tokenizer then runs as usual.
+"""
+
+from __future__ import annotations
+
+import heapq
+from pathlib import Path
+
+from .added_tokens import (
+    build_special_tokens,
+    longest_match_split,
+    read_json,
+    special_token_names,
+    tokenizer_json_added_tokens,
+)
+from .base import Tokenizer
+from .errors import TokenizerFileError, UnsupportedTokenizerError
+from .llama import LLAMA_DEFAULTS
+
+
+def read_bpe_model(data: dict, where: Path, byte_level: bool) -> tuple[dict[str, int], list[tuple[str, str]], dict]:
+    """The "model" section: vocab, merges (as "a b" strings or [a, b] pairs) and options, checked."""
+    model = data.get("model")
+    if not isinstance(model, dict) or model.get("type") != "BPE":
+        kind = model.get("type") if isinstance(model, dict) else model
+        raise UnsupportedTokenizerError(f"{where}: model type {kind!r} is not supported, only 'BPE'")
+    if model.get("dropout") not in (None, 0, 0.0):
+        raise UnsupportedTokenizerError(f"{where}: BPE dropout {model['dropout']!r} is not supported (random)")
+    for option in ("continuing_subword_prefix", "end_of_word_suffix"):
+        if model.get(option):
+            raise UnsupportedTokenizerError(f"{where}: BPE option {option}={model[option]!r} is not supported")
+    if byte_level and model.get("byte_fallback"):
+        raise UnsupportedTokenizerError(f"{where}: byte_fallback in a byte-level BPE is not supported")
+    vocab, merges = model.get("vocab"), model.get("merges")
+    if not isinstance(vocab, dict) or not isinstance(merges, list):
+        raise TokenizerFileError(f"{where}: model.vocab must be an object and model.merges a list")
+    pairs = []
+    for merge in merges:
+        pair = tuple(merge.split(" ")) if isinstance(merge, str) else tuple(merge) if isinstance(merge, list) else ()
+        if len(pair) != 2 or any(p not in vocab for p in pair) or pair[0] + pair[1] not in vocab:
+            raise TokenizerFileError(f"{where}: merge {merge!r} is not two tokens whose join is in the vocabulary")
+        pairs.append(pair)
+    return vocab, pairs, model
+
+
+def read_gpt2_tokenizer_json(path: Path) -> tuple[dict[str, int], list[tuple[str, str]], bool]:
+    """vocab, merges and add_prefix_space of a GPT-2 style byte-level BPE tokenizer.json."""
+    data = read_json(path)
+    vocab, merges, _ = read_bpe_model(data, path, byte_level=True)
+    pre = data.get("pre_tokenizer") or {}
+    if pre.get("type") != "ByteLevel" or not pre.get("use_regex", True):
+        raise UnsupportedTokenizerError(f"{path}: pre_tokenizer {pre.get('type')!r} is not GPT-2's ByteLevel")
+    if data.get("normalizer") is not None:
+        raise UnsupportedTokenizerError(f"{path}: normalizer {data['normalizer'].get('type')!r} is not supported here")
+    decoder = data.get("decoder") or {}
+    if decoder.get("type") != "ByteLevel":
+        raise UnsupportedTokenizerError(f"{path}: decoder {decoder.get('type')!r} is not GPT-2's ByteLevel")
+    return vocab, merges, bool(pre.get("add_prefix_space", False))
+
+
+def bpe_merge(symbols: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
+    """tokenizers' Word::merge_all: merge the adjacent pair with the lowest rank, the leftmost one first, and
+    repeat. A heap keeps it O(n log n): Llama's tokenizer.json has no pre-tokenizer, so a word is a whole text."""
+    symbols = list(symbols)
+    nxt = list(range(1, len(symbols))) + [-1]  # linked list over positions; a merged symbol keeps the left position
+    prv = list(range(-1, len(symbols) - 1))
+    heap = [(ranks[p], i) for i, p in enumerate(zip(symbols, symbols[1:])) if p in ranks]
+    heapq.heapify(heap)
+    while heap:
+        rank, i = heapq.heappop(heap)
+        j = nxt[i]
+        if symbols[i] is None or j == -1 or ranks.get((symbols[i], symbols[j])) != rank:
+            continue  # stale: one of the two symbols was merged into something else since
+        symbols[i], symbols[j] = symbols[i] + symbols[j], None
+        nxt[i] = nxt[j]
+        if nxt[j] != -1:
+            prv[nxt[j]] = i
+        for left, right in ((prv[i], i), (i, nxt[i])):
+            if left != -1 and right != -1 and (symbols[left], symbols[right]) in ranks:
+                heapq.heappush(heap, (ranks[symbols[left], symbols[right]], left))
+    return [s for s in symbols if s is not None]
+
+
+class LlamaJsonTokenizer(Tokenizer):
+    """LlamaTokenizerFast, from tokenizer.json and tokenizer_config.json, without sentencepiece or tokenizers."""
+
+    def __init__(self, folder: Path, config: dict, overrides: dict):
+        path = folder / "tokenizer.json"
+        self.source = str(path)
+        data = read_json(path)
+        settings = {**config, **overrides}
+        self.vocab, merges, model = read_bpe_model(data, path, byte_level=False)
+        self.ranks = {pair: rank for rank, pair in enumerate(merges)}  # a repeated pair keeps its last rank
+        self.id_to_token = {i: t for t, i in self.vocab.items()}
+        self.byte_fallback = bool(model.get("byte_fallback", False))
+        self.fuse_unk = bool(model.get("fuse_unk", False))
+        self.ignore_merges = bool(model.get("ignore_merges", False))
+        self.unk_token = model.get("unk_token")
+        self.vocab_size = len(self.vocab)
+        try:
+            self.normalizers = _read_normalizers(data.get("normalizer"), path)
+            self.prepend_scheme = _read_pre_tokenizer(data.get("pre_tokenizer"), path)
+            self.decoders = _read_decoders(data.get("decoder"), path)
+        except (KeyError, TypeError, AttributeError) as e:
+            raise TokenizerFileError(f"{path}: malformed normalizer, pre_tokenizer or decoder ({e!r})") from None
+        # LlamaTokenizerFast rebuilds the post-processor from add_bos_token/add_eos_token (update_post_processor),
+        # so tokenizer.json's own post_processor is not used.
+        self.add_bos_token = bool(settings.get("add_bos_token", True))
+        self.add_eos_token = bool(settings.get("add_eos_token", False))
+        self.padding_side = settings.get("padding_side", "left")  # LlamaTokenizerFast's class default
+        self.clean_up_tokenization_spaces = bool(settings.get("clean_up_tokenization_spaces", False))
+
+        declared = tokenizer_json_added_tokens(data, path)
+        for tok in declared.values():
+            if tok.lstrip or tok.rstrip or tok.single_word:
+                raise UnsupportedTokenizerError(f"{path}: added token {tok.content!r} uses lstrip/rstrip/single_word")
+        names = special_token_names(folder, config, LLAMA_DEFAULTS, overrides)
+        self.specials = build_special_tokens(declared, names, self.vocab.get, self.vocab_size)
+        self._raw_added = {t.content: i for i, t in self.specials.by_id.items() if not t.normalized}
+        # tokenizers normalizes a normalized added token's own text too: with Prepend("▁"), "<extra>" is looked
+        # for as "▁<extra>", so it is found after a space or at the start, but not inside "a<extra>b"
+        self._normalized_added = {self._normalize(t.content): i for i, t in self.specials.by_id.items() if t.normalized}
+        self._skipped_ids = {i for i, t in self.specials.by_id.items() if t.special}
+        self._cache: dict[str, list[int]] = {}
+
+    # ----------------------------------------------------------------------------------------------------------
+    # encode: tokenizers' TokenizerImpl::encode_single_sequence
+    # ----------------------------------------------------------------------------------------------------------
+    def _encode_text(self, text: str) -> list[int]:
+        ids, offset = [], 0
+        for piece in longest_match_split(text, self._raw_added):  # 1. added tokens matched in the raw text
+            at_start, offset = offset == 0, offset + len(piece)
+            if piece in self._raw_added:
+                ids.append(self._raw_added[piece])
+                continue
+            normalized = self._normalize(piece)  # 2. each remaining piece is normalized on its own ...
+            for k, sub in enumerate(longest_match_split(normalized, self._normalized_added)):  # ... then split again
+                if sub in self._normalized_added:
+                    ids.append(self._normalized_added[sub])
+                else:
+                    ids.extend(self._bpe(self._pre_tokenize(sub, at_start and k == 0)))
+        return ids
+
+    def _normalize(self, text: str) -> str:
+        for kind, a, b in self.normalizers:
+            if kind == "Prepend":
+                text = a + text if text else text  # Prepend leaves an empty string alone
+            else:  # Replace
+                text = text.replace(a, b)
+        return text
+
+    def _pre_tokenize(self, text: str, at_start_of_input: bool) -> str:
+        """Metaspace(split=False): spaces become "▁", and "▁" is put in front: always, never, or ("first") only
+        for the piece that starts the input text, so not for text right after a special token."""
+        if self.prepend_scheme is None:
+            return text
+        text = text.replace(" ", "▁")
+        prepend = self.prepend_scheme == "always" or (self.prepend_scheme == "first" and at_start_of_input)
+        return "▁" + text if prepend and not text.startswith("▁") else text
+
+    def _bpe(self, word: str) -> list[int]:
+        if word not in self._cache:
+            if self.ignore_merges and word in self.vocab:
+                self._cache[word] = [self.vocab[word]]
+            else:
+                self._cache[word] = [self.vocab[s] for s in bpe_merge(self._initial_symbols(word), self.ranks)]
+        return self._cache[word]
+
+    def _initial_symbols(self, word: str) -> list[str]:
+        """BPE::merge_word: one symbol per character; a character not in the vocabulary becomes its UTF-8 bytes
+        as <0xXX> tokens (byte_fallback), else the unk token, consecutive unks fused into one (fuse_unk)."""
+        symbols, unk_run = [], False
+        for ch in word:
+            if ch in self.vocab:
+                symbols.append(ch)
+                unk_run = False
+                continue
+            byte_tokens = [f"<0x{b:02X}>" for b in ch.encode("utf-8")]
+            if self.byte_fallback and all(t in self.vocab for t in byte_tokens):
+                symbols.extend(byte_tokens)
+                unk_run = False
+            elif self.unk_token is not None:
+                if self.unk_token not in self.vocab:
+                    raise TokenizerFileError(f"{self.source}: unk_token {self.unk_token!r} is not in the vocabulary")
+                if not (unk_run and self.fuse_unk):
+                    symbols.append(self.unk_token)
+                unk_run = True
+            # else: tokenizers drops the character
+        return symbols
+
+    def _add_special_tokens(self, ids: list[int]) -> list[int]:
+        bos = [self.bos_token_id] if self.add_bos_token else []
+        eos = [self.eos_token_id] if self.add_eos_token else []
+        return bos + ids + eos
+
+    # ----------------------------------------------------------------------------------------------------------
+    # decode: tokenizers' TokenizerImpl::decode and the decoder chain
+    # ----------------------------------------------------------------------------------------------------------
+    def decode(self, ids, skip_special_tokens=False, spaces_between_special_tokens=True,
+               clean_up_tokenization_spaces=None) -> str:
+        """As LlamaTokenizerFast.decode. spaces_between_special_tokens is accepted and ignored, as there."""
+        ids = self._check_ids(ids)
+        tokens = [self._id_to_token(i) for i in ids if not (skip_special_tokens and i in self._skipped_ids)]
+        for step, arg in self.decoders:
+            tokens = step(tokens, *arg)
+        return self._clean_up("".join(tokens), clean_up_tokenization_spaces)
+
+    def _id_to_token(self, i: int) -> str:
+        tok = self.specials.by_id.get(i)
+        return tok.content if tok is not None else self.id_to_token[i]
+
+    def _known_id(self, i: int) -> bool:
+        return i in self.id_to_token or i in self.specials.by_id
+
+    def _stream_cut(self, ids: list[int], skip_special_tokens: bool) -> int:
+        """ByteFallback turns a whole run of byte tokens into U+FFFDs if any byte is bad (one per byte), so a
+        valid "é" can still become "���" when a third byte arrives: hold back every trailing byte token."""
+        cut = len(ids)
+        for k in range(len(ids) - 1, -1, -1):
+            if skip_special_tokens and ids[k] in self._skipped_ids:
+                continue
+            if _byte_value(self._id_to_token(ids[k])) is None:
+                break
+            cut = k
+        return cut
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Pipeline components: the ones Llama's tokenizer.json uses, and nothing else
+# ---------------------------------------------------------------------------------------------------------------
+def _read_normalizers(spec, where: Path) -> list[tuple[str, str, str]]:
+    if spec is None:
+        return []
+    steps = spec.get("normalizers", []) if spec.get("type") == "Sequence" else [spec]
+    out = []
+    for step in steps:
+        kind = step.get("type")
+        if kind == "Prepend":
+            out.append(("Prepend", step["prepend"], ""))
+        elif kind == "Replace" and set(step.get("pattern", {})) == {"String"}:
+            out.append(("Replace", step["pattern"]["String"], step["content"]))
+        else:
+            detail = " with a regex pattern" if kind == "Replace" else ""
+            raise UnsupportedTokenizerError(f"{where}: normalizer {kind!r}{detail} is not supported "
+                                            "(only Prepend, Replace)")
+    return out
+
+
+def _read_pre_tokenizer(spec, where: Path) -> str | None:
+    """None (no pre-tokenizer) or Metaspace's prepend_scheme."""
+    if spec is None:
+        return None
+    kind = spec.get("type")
+    if kind != "Metaspace" or spec.get("split", True) or spec.get("replacement") != "▁":
+        detail = f" with split={spec.get('split', True)!r}" if kind == "Metaspace" else ""
+        raise UnsupportedTokenizerError(f"{where}: pre_tokenizer {kind!r}{detail} is not supported "
+                                        "(only Metaspace, split=False)")
+    scheme = spec.get("prepend_scheme", "always" if spec.get("add_prefix_space", True) else "never")
+    if scheme not in ("always", "first", "never"):
+        raise UnsupportedTokenizerError(f"{where}: Metaspace prepend_scheme {scheme!r} is not supported")
+    return scheme
+
+
+def _read_decoders(spec, where: Path) -> list:
+    if spec is None:
+        raise UnsupportedTokenizerError(f"{where}: no decoder: joining tokens with spaces is not supported")
+    steps = spec.get("decoders", []) if spec.get("type") == "Sequence" else [spec]
+    out = []
+    for step in steps:
+        kind = step.get("type")
+        if kind == "Replace" and set(step.get("pattern", {})) == {"String"}:
+            out.append((_decode_replace, (step["pattern"]["String"], step["content"])))
+        elif kind == "ByteFallback":
+            out.append((_decode_byte_fallback, ()))
+        elif kind == "Fuse":
+            out.append((lambda tokens: ["".join(tokens)], ()))
+        elif kind == "Strip":
+            out.append((_decode_strip, (step["content"], step.get("start", 0), step.get("stop", 0))))
+        else:
+            raise UnsupportedTokenizerError(
+                f"{where}: decoder {kind!r} is not supported (only Replace with a string, ByteFallback, Fuse, Strip)"
+            )
+    return out
+
+
+def _decode_replace(tokens: list[str], pattern: str, content: str) -> list[str]:
+    return [t.replace(pattern, content) for t in tokens]
+
+
+def _byte_value(token: str) -> int | None:
+    """"<0xE4>" -> 0xE4, anything else -> None (tokenizers' ByteFallback test)."""
+    if len(token) == 6 and token.startswith("<0x") and token.endswith(">"):
+        try:
+            return int(token[3:5], 16)
+        except ValueError:
+            return None
+    return None
+
+
+def _decode_byte_fallback(tokens: list[str]) -> list[str]:
+    """Runs of <0xXX> tokens become their UTF-8 text; if the run is not valid UTF-8, *every* byte of the run
+    becomes U+FFFD, valid characters included (sentencepiece, used by the slow tokenizer, replaces only bad bytes)."""
+    out, run = [], []
+
+    def flush():
+        if run:
+            try:
+                out.append(bytes(run).decode("utf-8"))
+            except UnicodeDecodeError:
+                out.extend("\ufffd" for _ in run)
+            run.clear()
+
+    for token in tokens:
+        value = _byte_value(token)
+        if value is None:
+            flush()
+            out.append(token)
+        else:
+            run.append(value)
+    flush()
+    return out
+
+
+def _decode_strip(tokens: list[str], content: str, start: int, stop: int) -> list[str]:
+    """Strip up to `start` leading and `stop` trailing `content` characters from each token."""
+    out = []
+    for token in tokens:
+        begin = 0
+        while begin < min(start, len(token)) and token[begin] == content:
+            begin += 1
+        end = len(token)
+        while len(token) - end < min(stop, len(token) - begin) and token[end - 1] == content:
+            end -= 1
+        out.append(token[begin:end])
+    return out
