@@ -511,8 +511,68 @@ GENERATION_MODELS = ["llama_mha", "llama_gqa_bias", "llama_rope_dynamic", "openl
 GEN_SEED = 7
 
 
+# Models whose vocabulary is a golden tokenizer's, saved with its files: text in, text out.
+TEXT_CASES = [
+    Case("llama_text", "llama", LlamaForCausalLM, 2001,
+         "Llama with the golden sentencepiece tokenizer (vocab 1500) in its folder, for text generation",
+         {**LLAMA, "vocab_size": 1500}),
+    Case("opt_text", "opt", OPTForCausalLM, 2002,
+         "OPT with the golden byte-level BPE tokenizer (vocab 2000) in its folder, for text generation",
+         {**OPT, "vocab_size": 2000}),
+]
+TEXT_TOKENIZERS = {"llama_text": ("llama", "LlamaTokenizer"), "opt_text": ("opt", "GPT2Tokenizer")}
+TEXT_PROMPTS = ["Once upon a time", "The capital of France is", "你好，世界。", "def hello():\n    return",
+                "Emoji 🙂 and spaces   here"]
+
+
+def build_text_model(root: Path, case: Case):
+    model_dir = root / "models" / case.name
+    if model_dir.exists():
+        shutil.rmtree(model_dir)
+    model = build_model(case)
+    model.save_pretrained(model_dir, safe_serialization=True)
+    folder, _ = TEXT_TOKENIZERS[case.name]
+    for f in sorted((GOLDEN / "tokenizers" / folder).iterdir()):
+        shutil.copyfile(f, model_dir / f.name)
+
+
+def slow_tokenizer(model_dir: Path, name: str):
+    _, cls = TEXT_TOKENIZERS[name]
+    return getattr(transformers, cls).from_pretrained(model_dir)
+
+
+@torch.no_grad()
+def build_text_generation(root: Path, name: str):
+    """Three levels, as minGPT's import test: prompt ids from the slow tokenizer, greedy ids, decoded text."""
+    model_dir = root / "models" / name
+    model = load_saved(root, name)
+    tok = slow_tokenizer(model_dir, name)
+    arrays, meta = {}, {"model": name, "tokenizer": type(tok).__name__, "runs": []}
+    for i, prompt in enumerate(TEXT_PROMPTS):
+        ids = torch.tensor([tok.encode(prompt)])
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=16, do_sample=False)
+        arrays[f"prompt{i}.in.input_ids"] = to_np(ids)
+        arrays[f"prompt{i}.out.sequences"] = to_np(out)
+        meta["runs"].append({"name": f"prompt{i}", "prompt": prompt, "kwargs": {"max_new_tokens": 16},
+                             "text": tok.decode(out[0], skip_special_tokens=True)})
+    if tok.pad_token_id is not None:  # a left-padded batch of all prompts, as the generate docs recommend
+        tok.padding_side = "left"
+        batch = tok(TEXT_PROMPTS, padding=True, return_tensors="pt")
+        out = model.generate(**batch, max_new_tokens=12, do_sample=False)
+        arrays["batch.in.input_ids"] = to_np(batch["input_ids"])
+        arrays["batch.in.attention_mask"] = to_np(batch["attention_mask"])
+        arrays["batch.out.sequences"] = to_np(out)
+        meta["runs"].append({"name": "batch", "prompts": TEXT_PROMPTS, "kwargs": {"max_new_tokens": 12},
+                             "texts": tok.batch_decode(out, skip_special_tokens=True)})
+    arrays["meta"] = np.array(json.dumps(meta, ensure_ascii=False))
+    (root / "generation").mkdir(exist_ok=True)
+    path = root / "generation" / f"{name}.npz"
+    write_npz(path, arrays)
+    print(f"generation/{name}.npz {path.stat().st_size/1e3:.1f} kB ({len(meta['runs'])} text runs)", flush=True)
+
+
 def load_saved(root: Path, name: str):
-    case = CASE_BY_NAME[name]
+    case = CASE_BY_NAME.get(name) or {c.name: c for c in TEXT_CASES}[name]
     model = case.cls.from_pretrained(root / "models" / name, attn_implementation=ATTN)
     return model.eval()
 
@@ -616,11 +676,14 @@ def build(root: Path, names: list[str]):
         if p.stem not in known:
             p.unlink()
     for p in (root / "models").iterdir():
-        if p.is_dir() and p.name not in known:
+        if p.is_dir() and p.name not in known | {c.name for c in TEXT_CASES}:
             shutil.rmtree(p)
     for n in GENERATION_MODELS:
         if n in names:
             build_generation(root, n)
+    for case in TEXT_CASES:
+        build_text_model(root, case)
+        build_text_generation(root, case.name)
     write_manifest(root)
     m, c = dir_size(root / "models"), dir_size(root / "cases")
     print(f"total: models {m/1e6:.2f} MB, cases {c/1e6:.2f} MB, models+cases {(m+c)/1e6:.2f} MB; "

@@ -86,8 +86,10 @@ class PrintStreamer:
         self.first_token_time = None
 
     def put(self, ids):
-        if not self.prompt_seen:  # the prompt itself is not printed again
+        if not self.prompt_seen:  # the prompt is printed too, so the text reads on (and spaces join as in decode)
             self.prompt_seen = True
+            for token in np.asarray(ids).reshape(-1):
+                self._write(self.decoder.push(int(token)) if self.decoder else f"{int(token)} ")
             return
         self.new_tokens += 1
         if self.first_token_time is None:

@@ -12,7 +12,7 @@ from refimpl.generate import generation_positions, process_scores, resolve_setti
 from golden_cases import GOLDEN
 
 GEN_DIR = os.path.join(GOLDEN, "generation")
-GEN_MODELS = sorted(f[:-4] for f in os.listdir(GEN_DIR) if f.endswith(".npz"))
+GEN_MODELS = sorted(f[:-4] for f in os.listdir(GEN_DIR) if f.endswith(".npz") and not f.endswith("_text.npz"))
 
 
 def runs(name):
@@ -166,3 +166,44 @@ def test_prompt_longer_than_opt_allows():
 def test_generate_needs_a_language_model_head():
     with pytest.raises(InputError, match="no language-model head"):
         model("opt_qa").generate([[5, 6]])
+
+
+TEXT_MODELS = ["llama_text", "opt_text"]
+
+
+@pytest.mark.parametrize("name", TEXT_MODELS)
+def test_text_in_text_out_matches_transformers(name):
+    """Three levels, as minGPT's import test: prompt ids, greedy ids and decoded text all equal transformers'."""
+    data = np.load(os.path.join(GEN_DIR, name + ".npz"))
+    meta = json.loads(str(data["meta"]))
+    m = model(name)
+    tok = refimpl.load_tokenizer(os.path.join(GOLDEN, "models", name))
+    checked = 0
+    for run in meta["runs"]:
+        expected = data[f"{run['name']}.out.sequences"]
+        if "prompt" in run:
+            ids = tok.encode(run["prompt"])
+            assert ids == data[f"{run['name']}.in.input_ids"][0].tolist(), run["prompt"]
+            got = m.generate([ids], **run["kwargs"])
+            np.testing.assert_array_equal(got, expected, err_msg=run["prompt"])
+            assert tok.decode(got[0].tolist(), skip_special_tokens=True) == run["text"]
+        else:  # the left-padded batch made by the tokenizer
+            batch = tok(run["prompts"], padding=True, padding_side="left")
+            np.testing.assert_array_equal(batch["input_ids"], data["batch.in.input_ids"])
+            np.testing.assert_array_equal(batch["attention_mask"], data["batch.in.attention_mask"])
+            got = m.generate(batch["input_ids"], attention_mask=batch["attention_mask"], **run["kwargs"])
+            np.testing.assert_array_equal(got, expected)
+            assert tok.batch_decode(got.tolist(), skip_special_tokens=True) == run["texts"]
+        checked += 1
+    assert checked >= 5
+
+
+def test_cli_streams_the_same_text_as_decode(capsys):
+    from refimpl.cli import main
+
+    data = np.load(os.path.join(GEN_DIR, "opt_text.npz"))
+    run = json.loads(str(data["meta"]))["runs"][0]
+    assert main(["generate", os.path.join(GOLDEN, "models", "opt_text"), "-p", run["prompt"], "-n", "16"]) == 0
+    out = capsys.readouterr()
+    assert out.out == run["text"] + "\n"
+    assert "16 new tokens" in out.err
