@@ -16,6 +16,7 @@ from .llama import (LlamaForCausalLM, LlamaForSequenceClassification, LlamaModel
                     OpenLlamaForSequenceClassification, OpenLlamaModel)
 from .opt import OPTForCausalLM, OPTForQuestionAnswering, OPTForSequenceClassification, OPTModel
 from .outputs import ModelOutput
+from .weights import read_model_config
 
 __version__ = "0.1.0"
 
@@ -32,7 +33,7 @@ BACKENDS = ("numpy", "numba", "cuda")
 
 
 def load(path, dtype=np.float32, backend="numpy", **backend_options):
-    """A Hugging Face checkpoint folder -> the model class its config.json names, computing in `dtype`.
+    """A Hugging Face checkpoint folder (or a .gguf file) -> the model class its config names, computing in `dtype`.
 
     backend="numpy" is this package, the reference. "numba" and "cuda" hand the same checkpoint to accel/, whose
     models have the same call and generate API (backend_options such as weights= or threads= go there).
@@ -50,7 +51,7 @@ def load(path, dtype=np.float32, backend="numpy", **backend_options):
         return accel.load(path, dtype=dtype, backend=backend, **backend_options)
     if backend_options:
         raise ConfigError(f"options {sorted(backend_options)} apply to the accel backends, not to backend='numpy'")
-    config = read_config(path)
+    config = read_model_config(path)  # config.json, or the metadata of a .gguf file
     architectures = config.architectures
     if architectures:
         cls = ARCHITECTURES.get(architectures[0])

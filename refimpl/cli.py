@@ -13,6 +13,7 @@ import time
 
 import numpy as np
 
+from . import inspect as inspect_command
 from .errors import InputError, RefimplError
 from .ops import softmax
 
@@ -162,6 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="refimpl", description="NumPy reference implementation of Llama 2, "
                                      "Open-Llama and OPT, matching Hugging Face transformers 4.46.3.")
     sub = parser.add_subparsers(dest="command", required=True)
+    inspect_command.add_parser(sub)
     g = sub.add_parser("generate", help="generate text (or token ids) from a prompt, streaming it as it comes")
     g.add_argument("model", help="a Hugging Face checkpoint folder (config.json + model.safetensors + tokenizer)")
     source = g.add_mutually_exclusive_group()

@@ -12,10 +12,9 @@ import os
 
 import numpy as np
 
-from .config import read_config
 from .errors import CheckpointError, ConfigError, InputError
 from .inputs import integer_array
-from .weights import HEADS, read_checkpoint, rename, take
+from .weights import HEADS, read_checkpoint, read_model_config, rename, take
 
 SUPPORTED_DTYPES = (np.float32, np.float64)
 
@@ -51,7 +50,7 @@ class PreTrainedModel:
     def from_pretrained(cls, path, dtype=np.float32):
         """A Hugging Face checkpoint folder (config.json + model.safetensors) -> this class, weights in `dtype`."""
         dtype = compute_dtype(dtype)
-        config = read_config(path)
+        config = read_model_config(path)
         if config.family != cls.family:
             raise ConfigError(f"{path}: config.json model_type is {config.family!r}, not {cls.model_type!r}: "
                               f"use refimpl.load(path) or the {config.family} class")

@@ -1,26 +1,38 @@
-"""Checkpoint tensors -> NumPy arrays, and the literal tables that name them.
+"""Checkpoint files -> NumPy arrays, and the literal tables that name them.
 
-Reads `model.safetensors` (or shards listed in `model.safetensors.index.json`) with NumPy alone, memory-mapped:
-8-byte little-endian header length, a JSON header {name: {dtype, shape, data_offsets}}, then the raw bytes.
-The tables map Hugging Face tensor names to refimpl's; every expected tensor must be found with its shape and every
-tensor in the file must be used (head tensors of another class excepted), else a CheckpointError names it.
+Reads what people download: a Hugging Face folder holding model.safetensors (one file, or the shards listed in
+model.safetensors.index.json) or pytorch_model.bin (one file or sharded; read without torch), fp32, fp16, bf16 or
+fp64; or a llama.cpp .gguf file (with the optional `gguf` package). The readers, each treating its file as hostile,
+live in refimpl/formats/; this module picks one and maps names. The tables map Hugging Face tensor names to
+refimpl's; every expected tensor must be found with its shape and every tensor in the file must be used (head
+tensors of another class excepted), else a CheckpointError names the first one that is not.
 """
 from __future__ import annotations
 
 import json
 import os
-import struct
 
 import numpy as np
 
-from .errors import CheckpointError
+from .config import from_hf_config, read_config
+from .errors import CheckpointError, ConfigError
+from .formats.common import Stored, human_bytes, report, show_progress
+from .formats.gguf import read_gguf_file
+from .formats.safetensors import list_safetensors
+from .formats.torch_bin import list_torch_bin
 
-MAX_HEADER_BYTES = 100 * 1024 * 1024
 
-# safetensors dtype -> NumPy dtype. BF16 has no NumPy dtype: it is widened exactly to float32 (the top 16 bits).
-SAFETENSORS_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": "bf16",
-                      "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
-                      "BOOL": np.bool_}
+def list_gguf(path: str) -> dict[str, Stored]:
+    return read_gguf_file(path)[1]
+
+
+# What a checkpoint folder may hold, in transformers' order of preference: (single file, index of shards, reader).
+CHECKPOINT_FILES = (
+    ("model.safetensors", "model.safetensors.index.json", list_safetensors),
+    ("pytorch_model.bin", "pytorch_model.bin.index.json", list_torch_bin),
+)
+# A file named directly: suffix -> reader.
+FILE_READERS = {".safetensors": list_safetensors, ".bin": list_torch_bin, ".gguf": list_gguf}
 
 # Hugging Face name (after the "model." / "decoder." prefixes are removed) -> refimpl name, per family.
 LLAMA_TOP = {
@@ -73,6 +85,12 @@ OPT_LAYER = {
     "final_layer_norm.weight": "final_layer_norm",
     "final_layer_norm.bias": "final_layer_norm_bias",
 }
+# Buffers that transformers < 4.31 saved with the weights (Llama, Open-Llama on the Hub); like transformers
+# (_keys_to_ignore_on_load_unexpected), refimpl recomputes them from the config and skips them.
+IGNORED_LAYER = ("self_attn.rotary_emb.inv_freq",)
+# Prefixes stripped before the tables apply: save_pretrained writes "model." (OPT: "model.decoder."); the Hub's OPT
+# files were saved from OPTModel and start with "decoder.".
+PREFIXES = {"llama": ("model.",), "opt": ("model.decoder.", "decoder.")}
 HEADS = {
     "lm_head.weight": "lm_head",
     "score.weight": "score",
@@ -81,77 +99,119 @@ HEADS = {
 }
 
 
+def checkpoint_files(path) -> tuple[list[str], object, dict | None]:
+    """A checkpoint folder or file -> (the files holding its tensors, their reader, the shard index's weight_map)."""
+    path = os.fspath(path)
+    if os.path.isfile(path):
+        for suffix, reader in FILE_READERS.items():
+            if path.endswith(suffix):
+                return [path], reader, None
+        raise CheckpointError(f"{path}: not a .safetensors, .bin or .gguf file")
+    for single, index, reader in CHECKPOINT_FILES:
+        if os.path.isfile(os.path.join(path, single)):
+            return [os.path.join(path, single)], reader, None
+        if os.path.isfile(os.path.join(path, index)):
+            weight_map = read_index(os.path.join(path, index))
+            return [os.path.join(path, shard) for shard in sorted(set(weight_map.values()))], reader, weight_map
+    present = sorted(os.listdir(path)) if os.path.isdir(path) else []
+    raise CheckpointError(f"{path}: no model.safetensors, pytorch_model.bin or their .index.json "
+                          f"(found: {present[:20]})")
+
+
+def read_index(path: str) -> dict[str, str]:
+    """A *.index.json -> its weight_map {tensor name: shard file}; shard names must be plain names in the folder."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            weight_map = json.load(f).get("weight_map")
+    except (ValueError, RecursionError, AttributeError) as exc:
+        raise CheckpointError(f"{path}: not a JSON object with a weight_map ({type(exc).__name__})") from None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(f"{path}: weight_map is missing or empty")
+    for name, shard in weight_map.items():
+        # a shard name like "../../.ssh/id_rsa" must not lead the reader out of the checkpoint folder
+        if not isinstance(shard, str) or os.path.basename(shard) != shard or shard in ("", ".", ".."):
+            raise CheckpointError(f"{path}: tensor {name!r} is mapped to {str(shard)[:80]!r}, not a file name in "
+                                  "the checkpoint folder")
+    return weight_map
+
+
+def list_checkpoint(path, progress=None) -> dict[str, Stored]:
+    """A checkpoint folder or file -> {name: Stored}: dtypes, shapes and byte counts, no tensor read yet.
+
+    progress=None reports each file on stderr when stderr is a terminal; False is quiet, True always reports.
+    """
+    files, reader, weight_map = checkpoint_files(path)
+    verbose = show_progress(progress)
+    stored, shard_of = {}, {}
+    for i, file in enumerate(files, 1):
+        if not os.path.isfile(file):
+            raise CheckpointError(f"{file}: listed in the shard index, but there is no such file")
+        report(verbose, f"reading {i}/{len(files)} {os.path.basename(file)} ({human_bytes(os.path.getsize(file))})")
+        for name, tensor in reader(file).items():
+            if name in stored:
+                raise CheckpointError(f"tensor {name!r} is in both {shard_of[name]} and {os.path.basename(file)}")
+            stored[name], shard_of[name] = tensor, os.path.basename(file)
+    if weight_map is not None:
+        _check_index(path, weight_map, shard_of)
+    return stored
+
+
+def _check_index(path, weight_map, shard_of):
+    for name, shard in weight_map.items():
+        if shard_of.get(name) != shard:
+            raise CheckpointError(f"{path}: the index puts {name!r} in {shard}, but it is not there")
+    for name, shard in shard_of.items():
+        if name not in weight_map:
+            raise CheckpointError(f"{path}: {shard} holds {name!r}, which the index does not list")
+
+
+def read_checkpoint(path, progress=None) -> dict[str, np.ndarray]:
+    """A checkpoint folder or file -> all its tensors: memory-mapped views (F32, F16, F64), BF16 widened exactly to
+    float32, GGUF blocks dequantized to float32 and Q/K rows un-permuted."""
+    return {name: tensor.load() for name, tensor in list_checkpoint(path, progress).items()}
+
+
 def read_safetensors(path: str) -> dict[str, np.ndarray]:
     """One .safetensors file -> {name: read-only array}, memory-mapped (BF16 widened to float32 in memory)."""
-    size = os.path.getsize(path)
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise CheckpointError(f"{path}: {size} bytes is too short for a safetensors file")
-        (header_len,) = struct.unpack("<Q", head)
-        if header_len > min(MAX_HEADER_BYTES, size - 8):
-            raise CheckpointError(f"{path}: header length {header_len} exceeds the file size {size} or the limit")
-        try:
-            header = json.loads(f.read(header_len))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise CheckpointError(f"{path}: the safetensors header is not valid JSON ({exc})") from None
-    if not isinstance(header, dict):
-        raise CheckpointError(f"{path}: the safetensors header is not a JSON object")
-    header.pop("__metadata__", None)
-    data_start = 8 + header_len
-    buffer = np.memmap(path, dtype=np.uint8, mode="r") if size > data_start else np.zeros(0, np.uint8)
-    tensors = {}
-    for name, info in header.items():
-        tensors[name] = _tensor(path, name, info, buffer, data_start, size)
-    return tensors
+    return {name: tensor.load() for name, tensor in list_safetensors(os.fspath(path)).items()}
 
 
-def _tensor(path, name, info, buffer, data_start, size):
+def read_gguf(path) -> tuple[dict, dict[str, np.ndarray]]:
+    """A Llama .gguf file -> (config.json-style dict, {transformers tensor name: array})."""
+    config, stored = read_gguf_file(os.fspath(path))
+    return config, {name: tensor.load() for name, tensor in stored.items()}
+
+
+def read_model_config(path):
+    """config.json of a checkpoint folder, or the metadata of a .gguf file -> a config dataclass."""
+    path = os.fspath(path)
+    if path.endswith(".gguf") and os.path.isfile(path):
+        return from_hf_config(read_gguf_file(path)[0])
+    return read_config(path)
+
+
+def parameter_dtype(dtype, weights_dtype=None):
+    """The dtype `take` gives parameters. weights_dtype=None: the compute dtype (the default). "stored": the file's
+    own precision (fp16 stays fp16 and memory-mapped, half the memory; BF16 is float32, as NumPy has no bfloat16).
+    A NumPy float dtype: that dtype."""
+    if weights_dtype is None:
+        return dtype
+    if isinstance(weights_dtype, str) and weights_dtype == "stored":
+        return None
     try:
-        dtype_name, shape, (begin, end) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
-    except (KeyError, TypeError, ValueError):
-        raise CheckpointError(f"{path}: tensor {name!r} has a malformed header entry {info!r}") from None
-    if dtype_name not in SAFETENSORS_DTYPES:
-        raise CheckpointError(f"{path}: tensor {name!r} has dtype {dtype_name!r}, which refimpl cannot read")
-    dtype = SAFETENSORS_DTYPES[dtype_name]
-    itemsize = 2 if dtype == "bf16" else np.dtype(dtype).itemsize
-    count = int(np.prod(shape, dtype=np.int64))
-    if not (0 <= begin <= end <= size - data_start) or end - begin != count * itemsize:
-        raise CheckpointError(f"{path}: tensor {name!r} ({dtype_name} {list(shape)}) has byte range [{begin}, {end}) "
-                              f"that does not fit the file or the shape")
-    raw = buffer[data_start + begin: data_start + end]
-    if dtype == "bf16":
-        bits = raw.view(np.uint16).astype(np.uint32) << 16  # bfloat16 is the top half of a float32
-        return bits.view(np.float32).reshape(shape)
-    return raw.view(dtype).reshape(shape)
-
-
-def read_checkpoint(path: str) -> dict[str, np.ndarray]:
-    """A checkpoint folder -> all its tensors: model.safetensors, or the shards of model.safetensors.index.json."""
-    single = os.path.join(path, "model.safetensors")
-    index = os.path.join(path, "model.safetensors.index.json")
-    if os.path.exists(single):
-        return read_safetensors(single)
-    if os.path.exists(index):
-        with open(index, encoding="utf-8") as f:
-            weight_map = json.load(f).get("weight_map", {})
-        tensors = {}
-        for shard in sorted(set(weight_map.values())):
-            tensors.update(read_safetensors(os.path.join(path, shard)))
-        return tensors
-    present = sorted(os.listdir(path)) if os.path.isdir(path) else []
-    if any(name.endswith(".bin") for name in present):
-        raise CheckpointError(f"{path}: only PyTorch .bin weights found; refimpl reads safetensors "
-                              "(convert with safetensors, or wait for the .bin reader)")
-    raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json (found: {present})")
+        scalar = np.dtype(weights_dtype).type
+    except TypeError:
+        scalar = None
+    if scalar not in (np.float16, np.float32, np.float64):
+        raise ConfigError(f"weights_dtype={weights_dtype!r}: expected None, 'stored', float16, float32 or float64")
+    return scalar
 
 
 def strip_prefix(name: str, family: str) -> str:
-    """'model.layers.0...' -> 'layers.0...'; OPT also drops 'decoder.' (Hub OPT files lack the 'model.' prefix)."""
-    if name.startswith("model."):
-        name = name[len("model."):]
-    if family == "opt" and name.startswith("decoder."):
-        name = name[len("decoder."):]
+    """'model.layers.0...' -> 'layers.0...'; OPT: 'model.decoder.layers.0...' or 'decoder.layers.0...' likewise."""
+    for prefix in PREFIXES[family]:
+        if name.startswith(prefix):
+            return name[len(prefix):]
     return name
 
 
@@ -166,7 +226,10 @@ def rename(tensors: dict, family: str, num_layers: int) -> tuple[dict, list[dict
         elif name in top_table:
             top[top_table[name]] = array
         elif name.startswith("layers."):
-            _, index, rest = name.split(".", 2)
+            parts = name.split(".", 2)
+            index, rest = (parts[1], parts[2]) if len(parts) == 3 else ("", "")
+            if rest in IGNORED_LAYER:
+                continue
             if not index.isdigit() or int(index) >= num_layers or rest not in layer_table:
                 raise CheckpointError(f"checkpoint tensor {hf_name!r} is not a parameter of this {family} model "
                                       f"({num_layers} layers)")
@@ -177,7 +240,8 @@ def rename(tensors: dict, family: str, num_layers: int) -> tuple[dict, list[dict
 
 
 def take(store: dict, name: str, shape: tuple, dtype, where: str = ""):
-    """store[name] checked against shape and cast to the compute dtype (no copy when it already matches)."""
+    """store[name] checked against shape and cast to `dtype` (no copy when it already matches; None keeps the
+    stored dtype, see parameter_dtype)."""
     if name not in store:
         raise CheckpointError(f"checkpoint is missing the tensor {where}{name} (expected shape {list(shape)})")
     array = store.pop(name)
