@@ -32,15 +32,18 @@ CAUSAL_LM_FOR_MODEL_TYPE = {"llama": LlamaForCausalLM, "open-llama": OpenLlamaFo
 BACKENDS = ("numpy", "numba", "cuda")
 
 
-def load(path, dtype=np.float32, backend="numpy", **backend_options):
+def load(path, dtype=np.float32, backend="numpy", weights_dtype=None, **backend_options):
     """A Hugging Face checkpoint folder (or a .gguf file) -> the model class its config names, computing in `dtype`.
 
     backend="numpy" is this package, the reference. "numba" and "cuda" hand the same checkpoint to accel/, whose
     models have the same call and generate API (backend_options such as weights= or threads= go there).
+    weights_dtype="stored" keeps fp16 checkpoints in fp16 (half the memory); see PreTrainedModel.from_pretrained.
     """
     if backend not in BACKENDS:
         raise ConfigError(f"backend={backend!r}: choose one of {', '.join(BACKENDS)}")
     if backend != "numpy":
+        if weights_dtype is not None:
+            raise ConfigError("weights_dtype applies to backend='numpy'; the accel backends take weights=")
         try:
             import accel
         except ImportError as exc:  # accel's own dependencies are extras
@@ -60,7 +63,7 @@ def load(path, dtype=np.float32, backend="numpy", **backend_options):
                               f"({', '.join(ARCHITECTURES)})")
     else:
         cls = CAUSAL_LM_FOR_MODEL_TYPE[config.family]
-    return cls.from_pretrained(path, dtype=dtype)
+    return cls.from_pretrained(path, dtype=dtype, weights_dtype=weights_dtype)
 
 
 def load_tokenizer(path, **overrides):

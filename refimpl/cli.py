@@ -3,6 +3,9 @@
     refimpl generate MODEL -p "Once upon a time" [-n 64] [--do-sample --temp 0.8 --top-k 40 --top-p 0.95 --seed 1]
     refimpl generate MODEL --ids 1,17,42 --verbose-prompt
     refimpl next-token MODEL --ids 1,17,42 [--top-k 5] [--dtype float64]
+    refimpl inspect PATH
+    refimpl golden MODEL (--ids 1,17,42 | --prompt TEXT) -o pack.safetensors [--dtype float64] [--summary] [--compare-dtypes]
+    refimpl diff REF.safetensors PORT.safetensors|PORT_LOGITS.bin [--atol A] [--rtol R] [--skip GLOB] [--json FILE]
 """
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ import time
 import numpy as np
 
 from . import inspect as inspect_command
+from .oracle_cli import add_parsers as add_oracle_parsers
 from .errors import InputError, RefimplError
 from .ops import softmax
 
@@ -190,6 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["float32", "float64"], default="float32",
                    help="compute dtype; float64 is the audit mode")
     p.set_defaults(run=next_token)
+    add_oracle_parsers(sub)  # refimpl golden / refimpl diff (docs/oracle.md)
     return parser
 
 

@@ -19,6 +19,7 @@ from .ops import ACTIVATIONS, apply_rotary, causal_mask, layer_norm, linear, mas
 from .errors import InputError
 from .outputs import ModelOutput
 from .pretrained import PreTrainedModel
+from .trace import NO_TRACE
 from .weights import take
 
 
@@ -33,7 +34,7 @@ def linear_tp(x, weight, tp):
     return y
 
 
-def attention(layer, cfg, x, cos, sin, mask, past_kv):
+def attention(layer, cfg, x, cos, sin, mask, past_kv, trace=NO_TRACE):
     """Multi-head (grouped-query) self-attention with RoPE. x [B, S, D] -> ([B, S, D], probs [B, H, S, K], (k, v))."""
     B, S, _ = x.shape
     H, Hkv, Dh = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
@@ -43,45 +44,68 @@ def attention(layer, cfg, x, cos, sin, mask, past_kv):
     q = q.reshape(B, S, H, Dh).transpose(0, 2, 1, 3)  # -> [B, H, S, Dh]
     k = k.reshape(B, S, Hkv, Dh).transpose(0, 2, 1, 3)  # -> [B, Hkv, S, Dh]
     v = v.reshape(B, S, Hkv, Dh).transpose(0, 2, 1, 3)
+    trace("q", q)
+    trace("k", k)
+    trace("v", v)
     q = apply_rotary(q, cos, sin)
     k = apply_rotary(k, cos, sin)
+    trace("q_rope", q)
+    trace("k_rope", k)
     if past_kv is not None:  # the cache holds keys after RoPE, before repeat_kv
         k = np.concatenate([past_kv[0], k], axis=2)  # -> [B, Hkv, K, Dh]
         v = np.concatenate([past_kv[1], v], axis=2)
     new_kv = (k, v)
     k = repeat_kv(k, H // Hkv)  # -> [B, H, K, Dh]
     v = repeat_kv(v, H // Hkv)
+    trace("k_repeat", k)
+    trace("v_repeat", v)
     scores = (q @ k.transpose(0, 1, 3, 2)) / math.sqrt(Dh)  # [B, H, S, K]; divided after the product
     scores = scores + mask
     if cfg.family == "open-llama":
         scores = np.maximum(scores, mask_min(scores.dtype))  # Open-Llama clamps (modeling_open_llama.py:310-313)
+    trace("scores", scores)
     probs = softmax(scores)  # [B, H, S, K]
+    trace("probs", probs)
     out = probs @ v  # [B, H, S, Dh]
     out = out.transpose(0, 2, 1, 3).reshape(B, S, H * Dh)  # -> [B, S, H*Dh]
+    trace("context", out)
     if cfg.pretraining_tp > 1:
         out = linear_tp(out, layer["o_proj"], cfg.pretraining_tp)
     else:
         out = linear(out, layer["o_proj"], layer.get("o_proj_bias"))  # -> [B, S, D]
+    trace("out", out)
     return out, probs, new_kv
 
 
-def mlp(layer, cfg, x):
+def mlp(layer, cfg, x, trace=NO_TRACE):
     """down(act(gate(x)) * up(x)): the gated MLP. [B, S, D] -> [B, S, F] -> [B, S, D]."""
     act = ACTIVATIONS[cfg.hidden_act]
     gate = linear(x, layer["gate_proj"], layer.get("gate_proj_bias"))
     up = linear(x, layer["up_proj"], layer.get("up_proj_bias"))
+    trace("gate", gate)
+    trace("up", up)
+    h = act(gate) * up  # [B, S, F]
+    trace("act", h)
     if cfg.pretraining_tp > 1:
-        return linear_tp(act(gate) * up, layer["down_proj"], cfg.pretraining_tp)
-    return linear(act(gate) * up, layer["down_proj"], layer.get("down_proj_bias"))
+        down = linear_tp(h, layer["down_proj"], cfg.pretraining_tp)
+    else:
+        down = linear(h, layer["down_proj"], layer.get("down_proj_bias"))
+    trace("down", down)
+    return down
 
 
-def decoder_layer(layer, cfg, x, cos, sin, mask, past_kv):
+def decoder_layer(layer, cfg, x, cos, sin, mask, past_kv, trace=NO_TRACE):
     """x + Attn(RMSNorm(x)), then x + MLP(RMSNorm(x)) (LlamaDecoderLayer, modeling_llama.py:671-693)."""
+    trace("in", x)
     h = rms_norm(x, layer["input_layernorm"], cfg.rms_norm_eps)
-    attn_out, probs, new_kv = attention(layer, cfg, h, cos, sin, mask, past_kv)
+    trace("input_norm", h)
+    attn_out, probs, new_kv = attention(layer, cfg, h, cos, sin, mask, past_kv, trace.scope("attn"))
     x = x + attn_out
+    trace("attn_residual", x)
     h = rms_norm(x, layer["post_attention_layernorm"], cfg.rms_norm_eps)
-    x = x + mlp(layer, cfg, h)
+    trace("post_attn_norm", h)
+    x = x + mlp(layer, cfg, h, trace.scope("mlp"))
+    trace("out", x)
     return x, probs, new_kv
 
 
@@ -101,7 +125,7 @@ def rotary_tables(cfg, rope_state, position_ids, kv_length, dtype):
 
 
 def llama_model(params, cfg, rope_state, input_ids=None, inputs_embeds=None, attention_mask=None,
-                position_ids=None, past_key_values=None, dtype=np.float32):
+                position_ids=None, past_key_values=None, dtype=np.float32, trace=NO_TRACE):
     """The decoder stack (LlamaModel.forward, modeling_llama.py:861-981).
 
     Returns (final hidden [B, S, D], hidden states (L+1), attentions (L), new cache (L pairs), new RoPE state).
@@ -109,26 +133,33 @@ def llama_model(params, cfg, rope_state, input_ids=None, inputs_embeds=None, att
     ids, embeds, B, S = token_inputs(cfg, input_ids, inputs_embeds, cfg.hidden_size, dtype)
     T = past_length(past_key_values, cfg.num_hidden_layers, B, cfg.num_key_value_heads, cfg.head_dim)
     if ids is not None:
-        x = params["embed_tokens"][ids]  # [B, S] -> [B, S, D]
+        x = params["embed_tokens"][ids].astype(dtype, copy=False)  # [B, S] -> [B, S, D] (weights may be fp16)
+        trace("embed_tokens", x)
         if cfg.use_stable_embedding:  # Open-Llama: LayerNorm (eps 1e-5) on token embeddings, not on inputs_embeds
             x = layer_norm(x, params["embed_layer_norm"], params["embed_layer_norm_bias"], eps=1e-5)
     else:
         x = embeds
+    trace("embed", x)
     mask = causal_mask(attention_mask_2d(attention_mask, B, T + S), T, dtype)  # [B, 1, S, K]
+    trace("mask", mask)
     if position_ids is None:
         position_ids = np.arange(T, T + S)[None]  # [1, S]: positions never come from the mask here
     else:
         position_ids = position_ids_2d(position_ids, B, S)
+    trace("position_ids", position_ids)
     cos, sin, rope_state = rotary_tables(cfg, rope_state, position_ids, T + S, dtype)
+    trace("rope.cos", cos)
+    trace("rope.sin", sin)
 
     hidden_states, attentions, cache = [], [], []
     for i, layer in enumerate(params["layers"]):
         hidden_states.append(x)
         past_kv = past_key_values[i] if past_key_values is not None else None
-        x, probs, new_kv = decoder_layer(layer, cfg, x, cos, sin, mask, past_kv)
+        x, probs, new_kv = decoder_layer(layer, cfg, x, cos, sin, mask, past_kv, trace.scope(f"layers.{i}"))
         attentions.append(probs)
         cache.append(new_kv)
     x = rms_norm(x, params["norm"], cfg.rms_norm_eps)
+    trace("final_norm", x)
     hidden_states.append(x)  # the last entry is after the final norm
     return x, tuple(hidden_states), tuple(attentions), tuple(cache), rope_state
 
@@ -182,10 +213,10 @@ class _LlamaBase(PreTrainedModel):
         return llama_parameters(cfg, top, layers, dtype)
 
     def _decoder(self, input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, use_cache,
-                 output_attentions, output_hidden_states):
+                 output_attentions, output_hidden_states, trace=NO_TRACE):
         h, hidden, attn, cache, self.rope_state = llama_model(
             self.params, self.config, self.rope_state, input_ids, inputs_embeds, attention_mask, position_ids,
-            past_key_values, self.dtype)
+            past_key_values, self.dtype, trace)
         return h, ModelOutput(past_key_values=cache if use_cache else None,
                               hidden_states=hidden if output_hidden_states else None,
                               attentions=attn if output_attentions else None)
@@ -197,9 +228,10 @@ class LlamaModel(_LlamaBase):
     head = "base"
 
     def __call__(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                 inputs_embeds=None, use_cache=False, output_attentions=False, output_hidden_states=False):
+                 inputs_embeds=None, use_cache=False, output_attentions=False, output_hidden_states=False,
+                 trace=NO_TRACE):
         h, out = self._decoder(input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, use_cache,
-                               output_attentions, output_hidden_states)
+                               output_attentions, output_hidden_states, trace)
         out.last_hidden_state = h
         return out
 
@@ -211,12 +243,13 @@ class LlamaForCausalLM(_LlamaBase):
 
     def __call__(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                  inputs_embeds=None, labels=None, use_cache=False, output_attentions=False,
-                 output_hidden_states=False, num_logits_to_keep=0):
+                 output_hidden_states=False, num_logits_to_keep=0, trace=NO_TRACE):
         if not isinstance(num_logits_to_keep, int) or num_logits_to_keep < 0:
             raise InputError(f"num_logits_to_keep={num_logits_to_keep!r} must be an integer >= 0")
         h, out = self._decoder(input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, use_cache,
-                               output_attentions, output_hidden_states)
+                               output_attentions, output_hidden_states, trace)
         out.logits = lm_logits(self.params, self.config, h, num_logits_to_keep)
+        trace("logits", out.logits)
         if labels is not None:
             out.loss = causal_lm_loss(out.logits, self._labels(labels))
         return out
@@ -234,14 +267,15 @@ class LlamaForSequenceClassification(_LlamaBase):
 
     def __call__(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                  inputs_embeds=None, labels=None, use_cache=False, output_attentions=False,
-                 output_hidden_states=False):
+                 output_hidden_states=False, trace=NO_TRACE):
         h, out = self._decoder(input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, use_cache,
-                               output_attentions, output_hidden_states)
+                               output_attentions, output_hidden_states, trace)
         logits = linear(h, self.params["score"])  # [B, S, D] -> [B, S, num_labels]
         B, S = logits.shape[:2]
         ids = None if input_ids is None else np.asarray(input_ids).reshape(B, S)
         index = pool_index(ids, self.config.pad_token_id, B, S, self.family)
         out.logits = logits[np.arange(B), index]  # [B, num_labels]
+        trace("logits", out.logits)
         if labels is not None:
             labels = np.asarray(labels)
             if self.problem_type is None:  # transformers sets config.problem_type on the first loss: it persists
@@ -265,10 +299,10 @@ class OpenLlamaForCausalLM(LlamaForCausalLM):
 
     def __call__(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                  inputs_embeds=None, labels=None, use_cache=False, output_attentions=False,
-                 output_hidden_states=False):
+                 output_hidden_states=False, trace=NO_TRACE):
         # Open-Llama has no num_logits_to_keep
         return super().__call__(input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, labels,
-                                use_cache, output_attentions, output_hidden_states)
+                                use_cache, output_attentions, output_hidden_states, trace=trace)
 
 
 class OpenLlamaForSequenceClassification(LlamaForSequenceClassification):

@@ -13,7 +13,7 @@ import numpy as np
 
 def linear(x, weight, bias=None):
     """y = x W^T + b, with W stored (out, in) as in torch.nn.Linear."""
-    y = x @ weight.T
+    y = x @ weight.T.astype(x.dtype, copy=False)  # weights kept in fp16 are widened to the compute dtype
     return y if bias is None else y + bias
 
 

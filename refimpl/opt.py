@@ -17,12 +17,13 @@ from .inputs import attention_mask_2d, integer_array, past_length, token_inputs
 from .ops import ACTIVATIONS, causal_mask, layer_norm, linear, mask_min, softmax
 from .outputs import ModelOutput
 from .pretrained import PreTrainedModel
+from .trace import NO_TRACE
 from .weights import take
 
 POSITION_OFFSET = 2  # OPT's position table has 2 extra rows in front (OPTLearnedPositionalEmbedding)
 
 
-def attention(layer, cfg, x, mask, past_kv, layer_head_mask):
+def attention(layer, cfg, x, mask, past_kv, layer_head_mask, trace=NO_TRACE):
     """Multi-head self-attention. x [B, S, D] -> ([B, S, D], probs [B, H, S, K], (k, v))."""
     B, S, _ = x.shape
     H, Dh = cfg.num_attention_heads, cfg.head_dim
@@ -32,34 +33,53 @@ def attention(layer, cfg, x, mask, past_kv, layer_head_mask):
     q = q.reshape(B, S, H, Dh).transpose(0, 2, 1, 3)  # -> [B, H, S, Dh]
     k = k.reshape(B, S, H, Dh).transpose(0, 2, 1, 3)
     v = v.reshape(B, S, H, Dh).transpose(0, 2, 1, 3)
+    trace("q", q)
+    trace("k", k)
+    trace("v", v)
     if past_kv is not None:
         k = np.concatenate([past_kv[0], k], axis=2)  # -> [B, H, K, Dh]
         v = np.concatenate([past_kv[1], v], axis=2)
     scores = q @ k.transpose(0, 1, 3, 2) + mask  # [B, H, S, K]
     scores = np.maximum(scores, mask_min(scores.dtype))  # modeling_opt.py:200-203
+    trace("scores", scores)
     probs = softmax(scores)
     if layer_head_mask is not None:
         probs = probs * layer_head_mask[None, :, None, None]  # head_mask scales each head's probabilities
+    trace("probs", probs)
     out = (probs @ v).transpose(0, 2, 1, 3).reshape(B, S, H * Dh)  # [B, H, S, Dh] -> [B, S, D]
-    return linear(out, layer["out_proj"], layer.get("out_proj_bias")), probs, (k, v)
+    trace("context", out)
+    out = linear(out, layer["out_proj"], layer.get("out_proj_bias"))
+    trace("out", out)
+    return out, probs, (k, v)
 
 
-def decoder_layer(layer, cfg, x, mask, past_kv, layer_head_mask):
+def decoder_layer(layer, cfg, x, mask, past_kv, layer_head_mask, trace=NO_TRACE):
     """One OPTDecoderLayer (modeling_opt.py:523-574); do_layer_norm_before picks pre- or post-LN."""
     pre = cfg.do_layer_norm_before
     ln1 = (layer.get("self_attn_layer_norm"), layer.get("self_attn_layer_norm_bias"))
     ln2 = (layer.get("final_layer_norm"), layer.get("final_layer_norm_bias"))
+    trace("in", x)
     h = layer_norm(x, *ln1) if pre else x
-    attn_out, probs, new_kv = attention(layer, cfg, h, mask, past_kv, layer_head_mask)
+    trace("attn_in", h)
+    attn_out, probs, new_kv = attention(layer, cfg, h, mask, past_kv, layer_head_mask, trace.scope("attn"))
     x = x + attn_out
+    trace("attn_residual", x)
     if not pre:
         x = layer_norm(x, *ln1)  # 350m applies the LayerNorm after the residual
+        trace("self_attn_layer_norm", x)
     h = layer_norm(x, *ln2) if pre else x
-    h = linear(ACTIVATIONS[cfg.activation_function](linear(h, layer["fc1"], layer.get("fc1_bias"))),
-               layer["fc2"], layer.get("fc2_bias"))  # [B, S, D] -> [B, S, F] -> [B, S, D]
+    trace("ffn_in", h)
+    h = linear(h, layer["fc1"], layer.get("fc1_bias"))  # [B, S, D] -> [B, S, F]
+    trace("fc1", h)
+    h = ACTIVATIONS[cfg.activation_function](h)
+    trace("act", h)
+    h = linear(h, layer["fc2"], layer.get("fc2_bias"))  # [B, S, F] -> [B, S, D]
+    trace("fc2", h)
     x = x + h
     if not pre:
         x = layer_norm(x, *ln2)
+        trace("final_layer_norm", x)
+    trace("out", x)
     return x, probs, new_kv
 
 
@@ -75,12 +95,13 @@ def positions_from_mask(mask2d, past):
 
 
 def opt_model(params, cfg, input_ids=None, inputs_embeds=None, attention_mask=None, position_ids=None,
-              past_key_values=None, head_mask=None, dtype=np.float32):
+              past_key_values=None, head_mask=None, dtype=np.float32, trace=NO_TRACE):
     """The decoder stack (OPTDecoder.forward). Returns (final hidden, hidden states (L+1), attentions, cache)."""
     ids, embeds, B, S = token_inputs(cfg, input_ids, inputs_embeds, cfg.word_embed_proj_dim, dtype)
     T = past_length(past_key_values, cfg.num_hidden_layers, B, cfg.num_attention_heads, cfg.head_dim)
     mask2d = attention_mask_2d(attention_mask, B, T + S)  # None -> all ones: pads then count as tokens
-    x = params["embed_tokens"][ids] if ids is not None else embeds  # [B, S, E]
+    x = params["embed_tokens"][ids].astype(dtype, copy=False) if ids is not None else embeds  # [B, S, E]
+    trace("embed", x)
     if position_ids is None:
         position_ids = positions_from_mask(mask2d, T)
     else:
@@ -91,11 +112,15 @@ def opt_model(params, cfg, input_ids=None, inputs_embeds=None, attention_mask=No
     if np.max(position_ids) + POSITION_OFFSET >= rows or np.min(position_ids) + POSITION_OFFSET < 0:
         raise InputError(f"OPT position {int(np.max(position_ids))} is outside its learned table: "
                          f"max_position_embeddings={cfg.max_position_embeddings} positions (0..{rows - 3})")
-    pos_embeds = params["embed_positions"][position_ids + POSITION_OFFSET]  # [B, S, D]
+    trace("position_ids", position_ids)
+    pos_embeds = params["embed_positions"][position_ids + POSITION_OFFSET].astype(dtype, copy=False)  # [B, S, D]
+    trace("pos_embed", pos_embeds)
     if "project_in" in params:
         x = linear(x, params["project_in"])  # [B, S, E] -> [B, S, D]
+        trace("project_in", x)
     x = x + pos_embeds
     mask = causal_mask(mask2d, T, dtype)  # [B, 1, S, K]
+    trace("mask", mask)
     if head_mask is not None:
         head_mask = np.asarray(head_mask, dtype=dtype)
         if head_mask.shape != (cfg.num_hidden_layers, cfg.num_attention_heads):
@@ -106,13 +131,16 @@ def opt_model(params, cfg, input_ids=None, inputs_embeds=None, attention_mask=No
     for i, layer in enumerate(params["layers"]):
         hidden_states.append(x)
         past_kv = past_key_values[i] if past_key_values is not None else None
-        x, probs, new_kv = decoder_layer(layer, cfg, x, mask, past_kv, None if head_mask is None else head_mask[i])
+        x, probs, new_kv = decoder_layer(layer, cfg, x, mask, past_kv, None if head_mask is None else head_mask[i],
+                                         trace.scope(f"layers.{i}"))
         attentions.append(probs)
         cache.append(new_kv)
     if has_final_layer_norm(cfg):
         x = layer_norm(x, params.get("final_layer_norm"), params.get("final_layer_norm_bias"))
+        trace("final_layer_norm", x)
     if "project_out" in params:
         x = linear(x, params["project_out"])  # [B, S, D] -> [B, S, E]
+        trace("project_out", x)
     hidden_states.append(x)  # after the final LN and project_out (width E for 350m)
     return x, tuple(hidden_states), tuple(attentions), tuple(cache)
 
@@ -150,9 +178,9 @@ class _OPTBase(PreTrainedModel):
         return opt_parameters(cfg, top, layers, dtype)
 
     def _decoder(self, input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, head_mask,
-                 use_cache, output_attentions, output_hidden_states):
+                 use_cache, output_attentions, output_hidden_states, trace=NO_TRACE):
         h, hidden, attn, cache = opt_model(self.params, self.config, input_ids, inputs_embeds, attention_mask,
-                                           position_ids, past_key_values, head_mask, self.dtype)
+                                           position_ids, past_key_values, head_mask, self.dtype, trace)
         return h, ModelOutput(past_key_values=cache if use_cache else None,
                               hidden_states=hidden if output_hidden_states else None,
                               attentions=attn if output_attentions else None)
@@ -169,9 +197,9 @@ class OPTModel(_OPTBase):
 
     def __call__(self, input_ids=None, attention_mask=None, head_mask=None, past_key_values=None,
                  inputs_embeds=None, use_cache=False, output_attentions=False, output_hidden_states=False,
-                 position_ids=None):
+                 position_ids=None, trace=NO_TRACE):
         h, out = self._decoder(input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, head_mask,
-                               use_cache, output_attentions, output_hidden_states)
+                               use_cache, output_attentions, output_hidden_states, trace)
         out.last_hidden_state = h
         return out
 
@@ -183,10 +211,11 @@ class OPTForCausalLM(_OPTBase):
 
     def __call__(self, input_ids=None, attention_mask=None, head_mask=None, past_key_values=None,
                  inputs_embeds=None, labels=None, use_cache=False, output_attentions=False,
-                 output_hidden_states=False, position_ids=None):
+                 output_hidden_states=False, position_ids=None, trace=NO_TRACE):
         h, out = self._decoder(input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, head_mask,
-                               use_cache, output_attentions, output_hidden_states)
+                               use_cache, output_attentions, output_hidden_states, trace)
         out.logits = linear(h, self.params["lm_head"])  # [B, S, E] -> [B, S, V]
+        trace("logits", out.logits)
         if labels is not None:
             out.loss = causal_lm_loss(out.logits, self._labels(labels))
         return out
@@ -199,13 +228,14 @@ class OPTForSequenceClassification(_OPTBase):
 
     def __call__(self, input_ids=None, attention_mask=None, head_mask=None, past_key_values=None,
                  inputs_embeds=None, labels=None, use_cache=False, output_attentions=False,
-                 output_hidden_states=False, position_ids=None):
+                 output_hidden_states=False, position_ids=None, trace=NO_TRACE):
         h, out = self._decoder(input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, head_mask,
-                               use_cache, output_attentions, output_hidden_states)
+                               use_cache, output_attentions, output_hidden_states, trace)
         logits = linear(h, self.params["score"])  # [B, S, num_labels]
         B, S = logits.shape[:2]
         ids = None if input_ids is None else np.asarray(input_ids).reshape(B, S)
         out.logits = logits[np.arange(B), pool_index(ids, self.config.pad_token_id, B, S, self.family)]
+        trace("logits", out.logits)
         if labels is not None:
             labels = np.asarray(labels)
             if self.problem_type is None:  # set on the first loss and kept, as transformers mutates its config
@@ -221,10 +251,11 @@ class OPTForQuestionAnswering(_OPTBase):
 
     def __call__(self, input_ids=None, attention_mask=None, head_mask=None, past_key_values=None,
                  inputs_embeds=None, start_positions=None, end_positions=None, use_cache=False,
-                 output_attentions=False, output_hidden_states=False, position_ids=None):
+                 output_attentions=False, output_hidden_states=False, position_ids=None, trace=NO_TRACE):
         h, out = self._decoder(input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, head_mask,
-                               use_cache, output_attentions, output_hidden_states)
+                               use_cache, output_attentions, output_hidden_states, trace)
         logits = linear(h, self.params["qa_outputs"], self.params["qa_outputs_bias"])  # [B, S, 2]
+        trace("logits", logits)
         out.start_logits, out.end_logits = logits[..., 0], logits[..., 1]
         if start_positions is not None and end_positions is not None:
             out.loss = question_answering_loss(out.start_logits, out.end_logits, start_positions, end_positions)

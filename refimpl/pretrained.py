@@ -14,7 +14,7 @@ import numpy as np
 
 from .errors import CheckpointError, ConfigError, InputError
 from .inputs import integer_array
-from .weights import HEADS, read_checkpoint, read_model_config, rename, take
+from .weights import HEADS, parameter_dtype, read_checkpoint, read_model_config, rename, take
 
 SUPPORTED_DTYPES = (np.float32, np.float64)
 
@@ -47,9 +47,14 @@ class PreTrainedModel:
         pass
 
     @classmethod
-    def from_pretrained(cls, path, dtype=np.float32):
-        """A Hugging Face checkpoint folder (config.json + model.safetensors) -> this class, weights in `dtype`."""
+    def from_pretrained(cls, path, dtype=np.float32, weights_dtype=None):
+        """A checkpoint folder (or .gguf file) -> this class, computing in `dtype`.
+
+        weights_dtype=None converts the weights to `dtype`; "stored" keeps the file's precision (fp16 stays fp16 and
+        memory-mapped, widened per product); float16/float32/float64 converts to that.
+        """
         dtype = compute_dtype(dtype)
+        wdtype = parameter_dtype(dtype, weights_dtype)
         config = read_model_config(path)
         if config.family != cls.family:
             raise ConfigError(f"{path}: config.json model_type is {config.family!r}, not {cls.model_type!r}: "
@@ -57,8 +62,8 @@ class PreTrainedModel:
         tensors = read_checkpoint(path)
         family = "opt" if config.family == "opt" else "llama"
         top, layers = rename(tensors, family, config.num_hidden_layers)
-        params = cls._parameters(config, top, layers, dtype)
-        params.update(cls._head_parameters(config, top, params, dtype))
+        params = cls._parameters(config, top, layers, wdtype)
+        params.update(cls._head_parameters(config, top, params, wdtype))
         _check_all_used(top, layers)
         model = cls(config, params, dtype)
         model.generation_config = read_generation_config(path, config)

@@ -69,10 +69,7 @@ def model_of(case, tensors, tmp_path, tag):
 
 
 def load_gguf(path, monkeypatch):
-    """refimpl.load(path.gguf) as it works once the config hook is in (see docs/checkpoints.md): until then, the
-    hook is applied here by pointing read_config at read_model_config."""
-    monkeypatch.setattr(refimpl, "read_config", read_model_config, raising=False)
-    monkeypatch.setattr(refimpl.pretrained, "read_config", read_model_config, raising=False)
+    """refimpl.load on a .gguf file (its config comes from the GGUF metadata)."""
     return refimpl.load(path)
 
 
@@ -93,6 +90,19 @@ def test_half_precision_safetensors(case, kind, tmp_path):
     rounded = model_of(case, cf.rounded_tensors(case, kind), tmp_path, "rounded")
     assert_same_outputs(case, replayed, outputs(case, rounded))
     assert max_logit_error(replayed) < tolerance(case, UNIT_ROUNDOFF[kind])
+
+
+@pytest.mark.parametrize("case", ["llama_gqa_bias", "openllama_default", "opt_350m_like"])
+def test_fp16_kept_as_stored_computes_the_same_as_converted(case, tmp_path):
+    """weights_dtype="stored": parameters stay fp16 (half the memory) and are widened exactly in each product,
+    so every output equals the converted load bit for bit, and outputs keep the compute dtype."""
+    folder = cf.safetensors_variant(case, tmp_path, "fp16")
+    kept = refimpl.load(folder, weights_dtype="stored")
+    assert kept.params["layers"][0]["q_proj"].dtype == np.float16
+    assert kept.params["embed_tokens"].dtype == np.float16
+    replayed = outputs(case, kept)
+    assert_same_outputs(case, replayed, outputs(case, refimpl.load(folder)))
+    assert all(ours.dtype == np.float32 for _, ours in replayed.values() if ours.dtype.kind == "f")
 
 
 def test_bf16_is_widened_exactly(tmp_path):

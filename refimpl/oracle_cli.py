@@ -1,0 +1,182 @@
+"""`refimpl golden` and `refimpl diff`: the oracle for porters (docs/oracle.md).
+
+    refimpl golden MODEL (--ids 1,17,42 | --prompt TEXT) -o ref.safetensors [--dtype float64] [--summary]
+    refimpl golden MODEL --ids 1,17,42 --compare-dtypes          # the error budget of fp32 / fp16 / bf16 weights
+    refimpl diff REF.safetensors PORT.safetensors [--atol A] [--rtol R] [--skip 'layers.*.attn.q*']
+    refimpl diff REF.safetensors PORT_LOGITS.bin                 # a port's raw float32 logits (llama.cpp layout)
+
+`diff` exits 0 when every op is within tolerance, 1 when one is not, 2 when the packs cannot be compared.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+import numpy as np
+
+from .diff import PRECISION_ORDER, DiffError, diff_packs, dumps, format_report, precision_rows, raw_logits_pack
+from .errors import InputError, RefimplError
+from .pack import make_pack, read_pack, run_trace, write_pack
+
+RAW_LOGITS_SUFFIXES = (".bin", ".f32")
+
+
+def parse_ids(text):
+    from .cli import parse_ids as parse
+
+    return parse(text)
+
+
+def prompt_ids(args):
+    """--ids, or --prompt encoded by the checkpoint's tokenizer (or --tokenizer's)."""
+    if args.ids is not None:
+        return parse_ids(args.ids), None
+    from . import load_tokenizer
+
+    folder = args.tokenizer or args.model
+    try:
+        tokenizer = load_tokenizer(folder)
+        ids = list(tokenizer.encode(args.prompt))
+    except (ValueError, TypeError, OSError, ImportError) as exc:
+        raise InputError(f"--prompt needs a tokenizer, and {folder} has none that loads ({exc}); give token ids "
+                         "with --ids 1,17,42, or a tokenizer folder with --tokenizer DIR") from None
+    if not ids:
+        raise InputError(f"--prompt {args.prompt!r} encodes to no tokens")
+    return ids, args.prompt
+
+
+def run_golden(args):
+    from . import load
+
+    ids, text = prompt_ids(args)
+    if args.compare_dtypes:
+        print(precision_report(args.model, ids))
+        if args.output is None:
+            return 0
+    if args.output is None:
+        raise InputError("refimpl golden needs -o PACK.safetensors (or --compare-dtypes)")
+    dtype = {"float32": np.float32, "float64": np.float64}[args.dtype]
+    model = load(args.model, dtype=dtype)
+    tensors, metadata = make_pack(model, [ids], summary=args.summary, model_path=args.model, text=text)
+    write_pack(args.output, tensors, metadata)
+    stored = len(tensors) - 2
+    print(f"wrote {args.output}: {type(model).__name__} ({args.dtype}), {len(ids)} tokens, {stored} trace tensors"
+          f"{' as summaries' if args.summary else ''}")
+    return 0
+
+
+def run_diff(args):
+    try:
+        ref = read_pack(args.ref)
+        port_path = args.port_logits or args.port
+        if port_path is None:
+            raise DiffError("give the port's pack (PORT) or its raw logits (--port-logits FILE)")
+        if args.port_logits or str(port_path).endswith(RAW_LOGITS_SUFFIXES):
+            port = raw_logits_pack(port_path, ref)
+        else:
+            port = read_pack(port_path)
+        report = diff_packs(ref, port, args.atol, args.rtol, args.skip, args.top_k, args.tolerance_dtype)
+    except (DiffError, OSError) as exc:
+        print(f"refimpl diff: error: {exc}", file=sys.stderr)
+        return 2
+    print(format_report(report, ref, port, all_ops=not args.failures_only))
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            f.write(dumps(report))
+    return 0 if report.ok else 1
+
+
+def round_to_bfloat16(x):
+    """float32 -> the nearest bfloat16 (ties to even), kept in float32."""
+    bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    rounded = (bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))) & np.uint32(0xFFFF0000)
+    return rounded.view(np.float32)
+
+
+def round_params(params, rounding):
+    """The parameter tree with every float array passed through `rounding`."""
+    if isinstance(params, dict):
+        return {k: round_params(v, rounding) for k, v in params.items()}
+    if isinstance(params, list):
+        return [round_params(v, rounding) for v in params]
+    return rounding(params) if isinstance(params, np.ndarray) and params.dtype.kind == "f" else params
+
+
+def precision_report(model_path, ids):
+    """Op-by-op distance of fp32 compute, and of fp16 / bf16 weights (fp32 compute), from float64."""
+    from . import load
+
+    reference_model = load(model_path, dtype=np.float64)
+    fp32 = load(model_path, dtype=np.float32)
+    fp16_weights = type(fp32)(fp32.config, round_params(fp32.params, lambda w: w.astype(np.float16).astype(
+        np.float32)), np.float32)
+    bf16_weights = type(fp32)(fp32.config, round_params(fp32.params, round_to_bfloat16), np.float32)
+    reference = run_trace(reference_model, [ids])
+    traces = {"fp32": run_trace(fp32, [ids]), "fp16 weights": run_trace(fp16_weights, [ids]),
+              "bf16 weights": run_trace(bf16_weights, [ids])}
+    rows = precision_rows(reference, traces)
+    width = max(len(name) for name, _ in rows)
+    out = [f"distance from float64, {type(fp32).__name__} from {model_path}, {len(ids)} tokens "
+           "(max rel = max|x - x64| / max|x64|; NMSE = sum (x - x64)^2 / sum x64^2)",
+           "fp32: float32 compute and weights; fp16 / bf16 weights: weights rounded, float32 compute "
+           "(the weights' share of a half-precision port's error)",
+           "",
+           f"{'op':<{width}}  " + "  ".join(f"{label + ' max rel':>18} {'NMSE':>9}" for label in traces)]
+    for name, cells in rows:
+        out.append(f"{name:<{width}}  " + "  ".join(
+            f"{cells[label][0]:>18.2e} {cells[label][1]:>9.2e}" if label in cells else f"{'-':>18} {'-':>9}"
+            for label in traces))
+    for label in traces:
+        worst = max(((cells[label][0], name) for name, cells in rows if label in cells), default=(0.0, "-"))
+        out.append(f"{label}: largest max rel {worst[0]:.2e} at {worst[1]}")
+    return "\n".join(out)
+
+
+def add_parsers(subparsers):
+    """Register `golden` and `diff` on an argparse subparsers object; each sets args.run -> exit status."""
+    p = subparsers.add_parser("golden", help="write a golden pack: inputs, logits and every traced intermediate")
+    p.add_argument("model", help="a Hugging Face checkpoint folder (config.json + weights)")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--ids", help="prompt token ids, e.g. 1,17,42")
+    source.add_argument("--prompt", help="prompt text, encoded with the checkpoint's tokenizer")
+    p.add_argument("--tokenizer", help="folder holding the tokenizer files (default: MODEL)")
+    p.add_argument("-o", "--output", help="the pack to write (.safetensors)")
+    p.add_argument("--dtype", choices=["float32", "float64"], default="float32",
+                   help="compute dtype; float64 is the audit mode")
+    p.add_argument("--summary", action="store_true",
+                   help="store per-tensor summaries (sum, mean, absmax, NaN/inf counts, first/last values) "
+                        "instead of full intermediates; inputs and logits stay full")
+    p.add_argument("--compare-dtypes", action="store_true",
+                   help="print how far fp32 (and fp16 / bf16 weights) land from float64, op by op")
+    p.set_defaults(run=run_golden)
+
+    d = subparsers.add_parser("diff", help="compare a port's pack (or raw logits) with a reference pack, op by op")
+    d.add_argument("ref", help="the reference pack (refimpl golden -o ...)")
+    d.add_argument("port", nargs="?", help="the port's pack (.safetensors), or raw float32 logits (.bin / .f32)")
+    d.add_argument("--port-logits", metavar="FILE", help="the port's raw float32 logits, [n_tokens, vocab] or [vocab]")
+    d.add_argument("--atol", type=float, help="absolute tolerance (default: by dtype, see refimpl/diff.py)")
+    d.add_argument("--rtol", type=float, help="tolerance relative to the op's max |ref| (default: by dtype)")
+    d.add_argument("--tolerance-dtype", choices=PRECISION_ORDER,
+                   help="use this dtype's default tolerances (default: the less precise of the two packs)")
+    d.add_argument("--skip", action="append", default=[], metavar="PATTERN",
+                   help="leave out trace names matching this glob, e.g. 'layers.*.attn.[qk]*' (repeatable)")
+    d.add_argument("--top-k", type=int, default=5, help="k of the final-logit top-k overlap (default 5)")
+    d.add_argument("--failures-only", action="store_true", help="list only the ops over tolerance")
+    d.add_argument("--json", metavar="FILE", help="also write the report as JSON")
+    d.set_defaults(run=run_diff)
+
+
+def main(argv=None):
+    """The two subcommands on their own (python -m refimpl.oracle_cli golden|diff ...)."""
+    parser = argparse.ArgumentParser(prog="refimpl")
+    add_parsers(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args)
+    except RefimplError as exc:
+        print(f"refimpl: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
