@@ -38,7 +38,7 @@ def next_token(args) -> int:
     from . import load
 
     dtype = {"float32": np.float32, "float64": np.float64}[args.dtype]
-    model = load(args.model, dtype=dtype)
+    model = load(args.model, dtype=dtype, **load_options(args))
     if model.head != "causal_lm":
         raise InputError(f"{args.model} holds a {type(model).__name__}, which has no language-model head")
     ids = parse_ids(args.ids)
@@ -83,8 +83,8 @@ def load_tokenizer_for(path):
 class PrintStreamer:
     """transformers' streamer protocol: put(prompt ids), put(new ids) per step, end(). Prints text as it becomes final."""
 
-    def __init__(self, tokenizer, out=sys.stdout):
-        self.tokenizer, self.out = tokenizer, out
+    def __init__(self, tokenizer, out=None):
+        self.tokenizer, self.out = tokenizer, out or sys.stdout  # looked up now, not at import
         self.decoder = tokenizer.stream_decoder(skip_special_tokens=True) if tokenizer is not None else None
         self.prompt_seen = False
         self.new_tokens = 0
@@ -117,7 +117,7 @@ def generate_cmd(args) -> int:
     from . import load
 
     dtype = {"float32": np.float32, "float64": np.float64}[args.dtype]
-    model = load(args.model, dtype=dtype)
+    model = load(args.model, dtype=dtype, **load_options(args))
     if model.head != "causal_lm":
         raise InputError(f"{args.model} holds a {type(model).__name__}, which has no language-model head")
     tokenizer = load_tokenizer_for(args.model)
@@ -163,6 +163,47 @@ def generate_cmd(args) -> int:
     return 130 if interrupted else 0
 
 
+# --- backend flags: which engine runs the model (refimpl itself, or accel's kernels) ----------------------------
+
+BACKENDS = ("numpy", "numba", "cuda")  # as refimpl.load accepts
+WEIGHT_FORMATS = ("fp32", "fp16", "bf16", "int8")
+
+
+def add_backend_arguments(parser):
+    """Add --backend, --weights and --threads to an argparse parser (or subparser)."""
+    group = parser.add_argument_group("backend")
+    group.add_argument("--backend", choices=BACKENDS, default="numpy",
+                       help="numpy: refimpl itself (default); numba: accel's CPU kernels; cuda: not implemented yet")
+    group.add_argument("--weights", choices=WEIGHT_FORMATS, default=None,
+                       help="weight storage for --backend numba: fp32 (default), fp16, bf16, int8 (Q8_0 blocks)")
+    group.add_argument("--threads", type=_positive_int, default=None,
+                       help="threads for --backend numba (default: all cores)")
+    return parser
+
+
+def load_options(args):
+    """Keyword arguments for refimpl.load from parsed args: {'backend': ...} plus weights/threads when given.
+
+    --weights and --threads with --backend numpy raise refimpl's ConfigError in refimpl.load, naming them.
+    """
+    options = {"backend": args.backend}
+    if getattr(args, "weights", None) is not None:
+        options["weights"] = args.weights
+    if getattr(args, "threads", None) is not None:
+        options["threads"] = args.threads
+    return options
+
+
+def _positive_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be >= 1")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="refimpl", description="NumPy reference implementation of Llama 2, "
                                      "Open-Llama and OPT, matching Hugging Face transformers 4.46.3.")
@@ -186,6 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", "-s", type=int, default=None, help="random seed for sampling (printed when not given)")
     g.add_argument("--verbose-prompt", action="store_true", help="print the prompt's token ids on stderr")
     g.add_argument("--dtype", choices=["float32", "float64"], default="float32")
+    add_backend_arguments(g)
     g.set_defaults(run=generate_cmd)
     p = sub.add_parser("next-token", help="print the most likely next tokens after a prompt of token ids")
     p.add_argument("model", help="a Hugging Face checkpoint folder (config.json + model.safetensors)")
@@ -193,6 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=5, help="how many candidates to print (default 5)")
     p.add_argument("--dtype", choices=["float32", "float64"], default="float32",
                    help="compute dtype; float64 is the audit mode")
+    add_backend_arguments(p)
     p.set_defaults(run=next_token)
     add_oracle_parsers(sub)  # refimpl golden / refimpl diff (docs/oracle.md)
     return parser

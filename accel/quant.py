@@ -1,0 +1,358 @@
+"""Weight storage formats and the linear kernels that read them: fp32, fp16, bf16, and int8 in Q8_0 blocks.
+
+A `Weight` is a matrix [O, D] that stands in for the float32 array refimpl keeps in params: `x @ w.T` runs accel's
+linear kernel and `w[ids]` returns float32 rows (embedding lookup), so refimpl's own head code (lm_logits, OPT's
+lm_head) runs unchanged on it. Everything computes in float32; only storage differs:
+
+  fp32  the checkpoint's numbers, 4 bytes a weight
+  fp16  IEEE half, 2 bytes (kept as uint16 bit patterns: Numba has no float16), widened exactly to float32
+  bf16  bfloat16, 2 bytes, rounded to nearest even as torch's .to(torch.bfloat16)
+  int8  Q8_0 as llama.cpp: each block of 32 weights of a row stores q = round(w / d) in int8 and one scale
+        d = max|w| / 127 (rounded to fp16, as GGUF stores it); w ~ q * d. 1.125 bytes a weight here (d kept float32)
+
+Few rows (decode: M <= SMALL_M) go to a Numba matrix-vector kernel that widens or dequantises each row in
+registers while it streams the weights once; more rows (a prompt) are dequantised into a float32 scratch matrix
+and multiplied by BLAS, which wins there (bench/bench_decode.py measures both).
+"""
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+
+from refimpl import ConfigError
+from refimpl.ops import ACTIVATIONS
+
+from .jit import FASTMATH, njit, prange
+from .kernels_cpu import (ACT, ACT_CODES, ADD, GATED, STORE, ZERO, _dot4, _finish_task, _linear_f32, _task_rows,
+                          _task_stride)
+
+FORMATS = ("fp32", "fp16", "bf16", "int8")
+QBLOCK = 32  # weights per Q8_0 block
+SMALL_M = 4  # rows up to which the matrix-vector kernels are used (above: BLAS on a float32 matrix)
+NO_BIAS = np.zeros(0, np.float32)
+ACT_FUNCTIONS = {code: ACTIVATIONS[name] for name, code in ACT_CODES.items()}  # kernel code -> refimpl's function
+
+
+# --- conversions (NumPy, once at load) -----------------------------------------------------------------------------
+
+def quantize_q8_0(w):
+    """float32 [O, D] -> (q int8 [O, D], d float32 [O, ceil(D/32)]), llama.cpp's quantize_row_q8_0_ref.
+
+    d = amax / 127 per block; q = round-half-away(w / d) using the unrounded d; d is then stored rounded to fp16.
+    A last partial block is quantised as if padded with zeros.
+    """
+    w = np.ascontiguousarray(w, dtype=np.float32)
+    O, D = w.shape
+    nb = -(-D // QBLOCK)
+    padded = np.zeros((O, nb * QBLOCK), np.float32)
+    padded[:, :D] = w
+    blocks = padded.reshape(O, nb, QBLOCK)
+    d = np.max(np.abs(blocks), axis=-1) / np.float32(127.0)  # [O, nb]
+    with np.errstate(divide="ignore"):
+        inv = np.where(d > 0, np.float32(1.0) / d, np.float32(0.0)).astype(np.float32)
+    scaled = blocks * inv[..., None]
+    q = np.trunc(scaled + np.copysign(np.float32(0.5), scaled)).astype(np.int8)  # roundf: half away from zero
+    return np.ascontiguousarray(q.reshape(O, -1)[:, :D]), d.astype(np.float16).astype(np.float32)
+
+
+def dequantize_q8_0(q, d):
+    """(q [O, D], d [O, nb]) -> float32 [O, D] = q * d of its block."""
+    O, D = q.shape
+    return (q.astype(np.float32) * np.repeat(d, QBLOCK, axis=1)[:, :D]).astype(np.float32)
+
+
+def to_bf16_bits(w):
+    """float32 -> bfloat16 bit patterns (uint16), rounded to nearest even."""
+    bits = np.ascontiguousarray(w, dtype=np.float32).view(np.uint32).astype(np.uint64)
+    return ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
+
+
+def to_fp16_bits(w, name="weight"):
+    """float32 -> IEEE half bit patterns (uint16); a weight beyond fp16's range is refused, not turned into inf."""
+    with np.errstate(over="ignore"):
+        half = np.asarray(w, dtype=np.float32).astype(np.float16)
+    if not np.all(np.isfinite(half)):
+        raise ConfigError(f"{name} has values beyond fp16's range (|w| > 65504): use weights='bf16' or 'fp32'")
+    return np.ascontiguousarray(half).view(np.uint16)
+
+
+def half_bits_to_f32(bits, bf16):
+    """uint16 bit patterns -> float32 (exact)."""
+    if bf16:
+        return (bits.astype(np.uint32) << 16).view(np.float32)
+    return bits.view(np.float16).astype(np.float32)
+
+
+# --- kernels that read the stored formats --------------------------------------------------------------------------
+
+@njit(fastmath=FASTMATH)
+def _dot2_q8(q0, q1, d0, d1, x):
+    """(sum_j q_r[j] x[j] d_r[j // 32] for r = 0, 1): two int8 rows widened in registers, never written out.
+
+    One flat loop with the block scale looked up per element (j >> 5): LLVM vectorises it without a horizontal
+    sum per block, ~5x faster than a nested block loop. int8 is compute-bound, not memory-bound: two rows a pass
+    ran fastest (one: fewer loads in flight; four: register pressure), bench machine, 110M shape.
+    """
+    s0 = s1 = ZERO
+    for j in range(x.shape[0]):
+        xj = x[j]
+        b = j >> 5
+        s0 += np.float32(q0[j]) * (xj * d0[b])
+        s1 += np.float32(q1[j]) * (xj * d1[b])
+    return s0, s1
+
+
+@njit(parallel=True, fastmath=FASTMATH)
+def _linear_q8(x, q, d, bias, act, epilogue, out):
+    """out[m, o] <- epilogue(x[m] . dequant(q[o]) + b[o]) for a few rows m.  twin: refimpl.ops.linear"""
+    O = out.shape[1]
+    gated = epilogue == GATED
+    stride = _task_stride(O, gated)
+    for task in prange(stride):
+        t = np.int64(task)
+        r0, r1, r2, r3 = _task_rows(t, stride, O, gated)
+        for m in range(x.shape[0]):
+            a0, a1 = _dot2_q8(q[r0], q[r1], d[r0], d[r1], x[m])
+            a2, a3 = _dot2_q8(q[r2], q[r3], d[r2], d[r3], x[m])
+            _finish_task(out, m, t, stride, a0, a1, a2, a3, bias, r0, r1, r2, r3, act, epilogue)
+
+
+TWO_POW_112 = np.float32(2.0 ** 112)
+
+
+@njit()
+def _widen_half(bits, bf16, as_u32, as_f32):
+    """One row of uint16 half / bfloat16 bit patterns -> float32 in the scratch row (as_f32 views as_u32)."""
+    if bf16:
+        for j in range(bits.shape[0]):
+            as_u32[j] = np.uint32(bits[j]) << np.uint32(16)
+    else:  # fp16: sign to bit 31, exponent+mantissa shifted into place, then * 2^112 re-biases the exponent
+        for j in range(bits.shape[0]):
+            h = np.uint32(bits[j])
+            as_u32[j] = ((h & np.uint32(0x8000)) << np.uint32(16)) | ((h & np.uint32(0x7FFF)) << np.uint32(13))
+        for j in range(bits.shape[0]):
+            as_f32[j] = as_f32[j] * TWO_POW_112
+
+
+TASKS_PER_CHUNK = 16
+
+
+@njit(parallel=True, fastmath=FASTMATH)
+def _linear_half(x, bits, bf16, bias, act, epilogue, out):
+    """out[m, o] <- epilogue(x[m] . float32(bits[o]) + b[o]) for a few rows m.  twin: refimpl.ops.linear
+
+    The four rows of a task are widened into a float32 scratch (per chunk of tasks), then dotted as fp32 rows.
+    """
+    D = x.shape[1]
+    O = out.shape[1]
+    gated = epilogue == GATED
+    stride = _task_stride(O, gated)
+    for chunk in prange((stride + TASKS_PER_CHUNK - 1) // TASKS_PER_CHUNK):
+        as_u32 = np.empty((4, D), np.uint32)
+        rows = as_u32.view(np.float32)
+        for t in range(chunk * TASKS_PER_CHUNK, min(stride, chunk * TASKS_PER_CHUNK + TASKS_PER_CHUNK)):
+            r0, r1, r2, r3 = _task_rows(t, stride, O, gated)
+            _widen_half(bits[r0], bf16, as_u32[0], rows[0])
+            _widen_half(bits[r1], bf16, as_u32[1], rows[1])
+            _widen_half(bits[r2], bf16, as_u32[2], rows[2])
+            _widen_half(bits[r3], bf16, as_u32[3], rows[3])
+            for m in range(x.shape[0]):
+                a0, a1, a2, a3 = _dot4(rows[0], rows[1], rows[2], rows[3], x[m])
+                _finish_task(out, m, t, stride, a0, a1, a2, a3, bias, r0, r1, r2, r3, act, epilogue)
+
+
+# Serial: dequantising feeds a BLAS product (many rows), and Numba's OpenMP threads spinning after a parallel region
+# slow BLAS's threads down more than the second thread would gain here.
+@njit()
+def _dequantize_q8(q, d, out):
+    O, D = q.shape
+    for o in range(O):
+        for j in range(D):
+            out[o, j] = np.float32(q[o, j]) * d[o, j // QBLOCK]
+
+
+@njit()
+def _dequantize_half(bits, bf16, out):
+    O, D = bits.shape
+    for o in range(O):
+        _widen_half(bits[o], bf16, out[o].view(np.uint32), out[o])
+
+
+def writable(a):
+    """a as a C-contiguous, writable float32 array (copied when it is a read-only memory map): kernels are compiled
+    for writable arrays only, so read-only ones would cost a second compilation of each."""
+    a = np.asarray(a)
+    if a.dtype == np.float32 and a.flags.c_contiguous and a.flags.writeable:
+        return a
+    return np.array(a, dtype=np.float32, order="C", copy=True)
+
+
+# --- the weight object ---------------------------------------------------------------------------------------------
+
+class Weight:
+    """A matrix [O, D] in one storage format, computed with in float32 (see the module docstring).
+
+    data: float32 [O, D] (fp32), uint16 [O, D] (fp16, bf16 bit patterns) or int8 [O, D] (int8);
+    scales: float32 [O, ceil(D/32)] for int8, else None.
+    """
+
+    __array_ufunc__ = None  # `x @ w.T` defers to w.T.__rmatmul__ instead of converting w to an array
+    dtype = np.dtype(np.float32)
+    ndim = 2
+
+    def __init__(self, fmt, data, scales=None):
+        if fmt not in FORMATS:
+            raise ConfigError(f"weights={fmt!r}: choose one of {', '.join(FORMATS)}")
+        self.format = fmt
+        self.data = data
+        self.scales = scales
+        self.shape = tuple(data.shape)
+
+    @classmethod
+    def from_array(cls, w, fmt, name="weight"):
+        """float32 [O, D] -> Weight in `fmt` (fp32 keeps the array, memory-mapped or not, without a copy)."""
+        if fmt == "fp32":
+            return cls(fmt, writable(w))
+        if fmt == "int8":
+            return cls(fmt, *quantize_q8_0(w))
+        if fmt == "bf16":
+            return cls(fmt, to_bf16_bits(w))
+        if fmt == "fp16":
+            return cls(fmt, to_fp16_bits(w, name))
+        raise ConfigError(f"weights={fmt!r}: choose one of {', '.join(FORMATS)}")
+
+    @property
+    def nbytes(self):
+        return self.data.nbytes + (0 if self.scales is None else self.scales.nbytes)
+
+    @property
+    def T(self):
+        return _Transposed(self)
+
+    def dequantize(self, out=None):
+        """The float32 matrix [O, D] (a view for fp32; into `out` when given)."""
+        if self.format == "fp32":
+            if out is None:
+                return self.data
+            out[...] = self.data
+            return out
+        out = np.empty(self.shape, np.float32) if out is None else out
+        if self.format == "int8":
+            _dequantize_q8(self.data, self.scales, out)
+        else:
+            _dequantize_half(self.data, self.format == "bf16", out)
+        return out
+
+    def rows(self, ids):
+        """float32 rows [n, D] for integer ids [n]: the embedding lookup of refimpl's `params["embed_tokens"][ids]`."""
+        ids = np.asarray(ids, dtype=np.int64)
+        if self.format == "fp32":
+            return self.data[ids]
+        if self.format == "int8":
+            return dequantize_q8_0(self.data[ids], self.scales[ids])
+        return half_bits_to_f32(self.data[ids], self.format == "bf16")
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):  # a band of rows (refimpl's pretraining_tp vocab chunks)
+            return Weight(self.format, self.data[index], None if self.scales is None else self.scales[index])
+        ids = np.asarray(index)
+        return self.rows(ids.reshape(-1)).reshape(*ids.shape, self.shape[1])
+
+    def __repr__(self):
+        return f"Weight({self.format}, {list(self.shape)}, {self.nbytes / 1e6:.1f} MB)"
+
+
+class _Transposed:
+    """w.T of a Weight: only `x @ w.T` is defined on it, which is accel's linear."""
+
+    __array_ufunc__ = None
+
+    def __init__(self, weight):
+        self.weight = weight
+
+    def astype(self, dtype, copy=True):
+        """Kernels compute in float32 whatever the storage: widening to float32 is what they already do."""
+        if np.dtype(dtype) != np.float32:
+            raise TypeError(f"accel weights compute in float32, not {np.dtype(dtype).name}")
+        return self
+
+    def __rmatmul__(self, x):
+        return linear(x, self.weight)
+
+
+# --- the linear dispatch -------------------------------------------------------------------------------------------
+
+_scratch = threading.local()
+
+
+def _dequantized(weight):
+    """weight as float32 [O, D]: the array itself for fp32, else a per-thread scratch reused between calls."""
+    if weight.format == "fp32":
+        return weight.data
+    cache = getattr(_scratch, "buffers", None)
+    if cache is None:
+        cache = _scratch.buffers = {}
+    buffer = cache.get(weight.shape)
+    if buffer is None:
+        buffer = cache[weight.shape] = np.empty(weight.shape, np.float32)
+    return weight.dequantize(out=buffer)
+
+
+def linear_into(x, weight, bias, act, epilogue, out):
+    """out [M, O] <- epilogue(x [M, D] @ W^T + b), the epilogue one of kernels_cpu's STORE, ADD, ACT, GATED.
+
+    For GATED, W holds gate then up rows ([2F, D]) and out is [M, F]: act(gate) * up.
+    """
+    bias = NO_BIAS if bias is None else bias
+    M = x.shape[0]
+    if M <= SMALL_M:
+        if weight.format == "fp32":
+            _linear_f32(x, weight.data, bias, act, epilogue, out)
+        elif weight.format == "int8":
+            _linear_q8(x, weight.data, weight.scales, bias, act, epilogue, out)
+        else:
+            _linear_half(x, weight.data, weight.format == "bf16", bias, act, epilogue, out)
+        return out
+    # many rows: BLAS, then the epilogue as refimpl's own NumPy expressions (vectorised exp/tanh, same numbers)
+    w = _dequantized(weight)
+    if epilogue == STORE and bias.shape[0] == 0:
+        return np.matmul(x, w.T, out=out)
+    y = x @ w.T  # [M, O]
+    if bias.shape[0]:
+        y += bias
+    if epilogue == STORE:
+        out[...] = y
+    elif epilogue == ADD:
+        out += y
+    elif epilogue == ACT:
+        out[...] = ACT_FUNCTIONS[act](y)
+    else:
+        F = out.shape[1]
+        out[...] = ACT_FUNCTIONS[act](y[:, :F]) * y[:, F:]
+    return out
+
+
+def as_weight(weight):
+    return weight if isinstance(weight, Weight) else Weight("fp32", writable(weight))
+
+
+def linear(x, weight, bias=None):
+    """y = x W^T + b for x [..., D] and W [O, D] in any storage format.  twin: refimpl.ops.linear"""
+    weight = as_weight(weight)
+    x2 = np.ascontiguousarray(x, dtype=np.float32).reshape(-1, x.shape[-1])
+    out = np.empty((x2.shape[0], weight.shape[0]), np.float32)
+    linear_into(x2, weight, bias, 0, STORE, out)
+    return out.reshape(*x.shape[:-1], weight.shape[0])
+
+
+def gated_linear(x, weight, bias, act):
+    """act(x Wg^T + bg) * (x Wu^T + bu) with W = [Wg; Wu] ([2F, D]), the activation fused into the up projection.
+
+    twin: the first three lines of refimpl.llama.mlp (gate, up, act(gate) * up); act is a kernels_cpu.ACT_CODES code.
+    """
+    weight = as_weight(weight)
+    x2 = np.ascontiguousarray(x, dtype=np.float32).reshape(-1, x.shape[-1])
+    out = np.empty((x2.shape[0], weight.shape[0] // 2), np.float32)
+    linear_into(x2, weight, bias, act, GATED, out)
+    return out.reshape(*x.shape[:-1], weight.shape[0] // 2)

@@ -1,0 +1,460 @@
+"""llama-bench for refimpl's engines: prompt processing (pp128) and text generation (tg64) tok/s, and peak RSS.
+
+    python bench/bench_decode.py [--models llama-15m,llama-110m,opt-125m] [--runs 5] [--threads 2] [--engines ...]
+
+Rows, all in one run: refimpl (NumPy) fp32; accel (Numba) fp32, int8 (and fp16 / bf16 when asked); transformers on
+torch CPU fp32 (when torch and transformers import); llama.cpp f32 and q8_0 through llama-cpp-python (Llama shapes
+only: llama.cpp has no OPT; when llama_cpp imports). Every row runs the same random-weight model, which this script
+writes into a temporary folder (config.json + model.safetensors, and a GGUF for llama.cpp): the stories15M and
+stories110M Llama shapes and the OPT-125m shape, weights ~ N(0, 0.02), norms 1. Nothing large is kept.
+
+Each engine runs in its own process, so peak RSS (VmHWM) is that engine's. Warm-up (one pp, 8 tg steps, Numba's
+compile) is excluded; each figure is the median of --runs runs. Definitions:
+  pp128  one forward of 128 prompt tokens up to the next-token logits, as the engine's generate does it (Llama: last
+         position only; OPT: transformers and refimpl compute the logits of all 128 positions, accel the last only)
+  tg64   64 single-token forwards with a KV cache that starts empty, greedy argmax between them
+  ratio  the row's tok/s over the best row's, per model and column
+accel's Numba compile time is measured separately, in a process with an empty NUMBA_CACHE_DIR (cold) and again
+with that cache filled (cached). --quality prints int8 / fp16 / bf16 against fp32 on the golden inputs.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import numpy as np  # noqa: E402
+
+MODELS = {
+    "llama-15m": {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 288,
+                  "intermediate_size": 768, "num_hidden_layers": 6, "num_attention_heads": 6,
+                  "num_key_value_heads": 6, "vocab_size": 32000, "max_position_embeddings": 1024},
+    "llama-110m": {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 768,
+                   "intermediate_size": 2048, "num_hidden_layers": 12, "num_attention_heads": 12,
+                   "num_key_value_heads": 12, "vocab_size": 32000, "max_position_embeddings": 1024},
+    "opt-125m": {"architectures": ["OPTForCausalLM"], "model_type": "opt", "hidden_size": 768, "ffn_dim": 3072,
+                 "num_hidden_layers": 12, "num_attention_heads": 12, "vocab_size": 50272,
+                 "max_position_embeddings": 2048, "word_embed_proj_dim": 768, "do_layer_norm_before": True,
+                 "activation_function": "relu", "enable_bias": True, "pad_token_id": 1, "bos_token_id": 2,
+                 "eos_token_id": 2},
+}
+LLAMA_DEFAULTS = {"rms_norm_eps": 1e-5, "rope_theta": 10000.0, "hidden_act": "silu", "tie_word_embeddings": False,
+                  "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": "float32"}
+ENGINES = ["numpy", "accel-fp32", "accel-int8", "torch", "llamacpp-f32", "llamacpp-q8_0"]
+OPTIONAL_ENGINES = ["accel-fp16", "accel-bf16", "llamacpp-f16"]
+PP, TG = 128, 64
+
+
+# --- the models ---------------------------------------------------------------------------------------------------
+
+def llama_tensors(cfg, rng):
+    D, F, V = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
+    Dkv = D // cfg["num_attention_heads"] * cfg["num_key_value_heads"]
+    w = lambda *shape: (rng.standard_normal(shape, dtype=np.float32) * np.float32(0.02))  # noqa: E731
+    t = {"model.embed_tokens.weight": w(V, D), "model.norm.weight": np.ones(D, np.float32), "lm_head.weight": w(V, D)}
+    for i in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        t.update({p + "self_attn.q_proj.weight": w(D, D), p + "self_attn.k_proj.weight": w(Dkv, D),
+                  p + "self_attn.v_proj.weight": w(Dkv, D), p + "self_attn.o_proj.weight": w(D, D),
+                  p + "mlp.gate_proj.weight": w(F, D), p + "mlp.up_proj.weight": w(F, D),
+                  p + "mlp.down_proj.weight": w(D, F), p + "input_layernorm.weight": np.ones(D, np.float32),
+                  p + "post_attention_layernorm.weight": np.ones(D, np.float32)})
+    return t
+
+
+def opt_tensors(cfg, rng):
+    D, F, V, P = cfg["hidden_size"], cfg["ffn_dim"], cfg["vocab_size"], cfg["max_position_embeddings"] + 2
+    w = lambda *shape: (rng.standard_normal(shape, dtype=np.float32) * np.float32(0.02))  # noqa: E731
+    z = lambda n: np.zeros(n, np.float32)  # noqa: E731
+    t = {"model.decoder.embed_tokens.weight": w(V, D), "model.decoder.embed_positions.weight": w(P, D),
+         "model.decoder.final_layer_norm.weight": np.ones(D, np.float32), "model.decoder.final_layer_norm.bias": z(D)}
+    for i in range(cfg["num_hidden_layers"]):
+        p = f"model.decoder.layers.{i}."
+        for name in ("q_proj", "k_proj", "v_proj", "out_proj"):
+            t[p + f"self_attn.{name}.weight"], t[p + f"self_attn.{name}.bias"] = w(D, D), z(D)
+        t[p + "fc1.weight"], t[p + "fc1.bias"], t[p + "fc2.weight"], t[p + "fc2.bias"] = w(F, D), z(F), w(D, F), z(D)
+        for name in ("self_attn_layer_norm", "final_layer_norm"):
+            t[p + f"{name}.weight"], t[p + f"{name}.bias"] = np.ones(D, np.float32), z(D)
+    return t
+
+
+def write_safetensors(path, tensors):
+    header, offset = {"__metadata__": {"format": "pt"}}, 0  # transformers insists on the format entry
+    for name, a in tensors.items():
+        header[name] = {"dtype": "F32", "shape": list(a.shape), "data_offsets": [offset, offset + a.nbytes]}
+        offset += a.nbytes
+    blob = json.dumps(header).encode()
+    blob += b" " * (-len(blob) % 8)
+    with open(path, "wb") as f:
+        f.write(len(blob).to_bytes(8, "little"))
+        f.write(blob)
+        for a in tensors.values():
+            f.write(np.ascontiguousarray(a).tobytes())
+
+
+GGUF_NAMES = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+              "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+              "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+
+
+def write_gguf(path, cfg, tensors, qtype):
+    """The Llama model as convert_hf_to_gguf.py writes it (Q/K rows permuted), with no tokenizer ("none")."""
+    import gguf
+
+    H, Hkv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    writer = gguf.GGUFWriter(path, "llama")
+    writer.add_vocab_size(cfg["vocab_size"])
+    writer.add_context_length(cfg["max_position_embeddings"])
+    writer.add_embedding_length(cfg["hidden_size"])
+    writer.add_block_count(cfg["num_hidden_layers"])
+    writer.add_feed_forward_length(cfg["intermediate_size"])
+    writer.add_head_count(H)
+    writer.add_head_count_kv(Hkv)
+    writer.add_rope_dimension_count(cfg["hidden_size"] // H)
+    writer.add_rope_freq_base(cfg["rope_theta"])
+    writer.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
+    writer.add_tokenizer_model("none")
+    kind = gguf.GGMLQuantizationType[qtype]
+    for name, a in tensors.items():
+        if name == "model.embed_tokens.weight":
+            gname = "token_embd.weight"
+        elif name == "model.norm.weight":
+            gname = "output_norm.weight"
+        elif name == "lm_head.weight":
+            gname = "output.weight"
+        else:
+            _, _, i, rest = name.split(".", 3)
+            gname = f"blk.{i}.{GGUF_NAMES[rest.rsplit('.', 1)[0]]}.weight"
+            heads = H if ".q_proj." in name else Hkv if ".k_proj." in name else None
+            if heads:  # llama.cpp rotates adjacent pairs: rows (head, 2, Dh/2) -> (head, Dh/2, 2)
+                a = a.reshape(heads, 2, a.shape[0] // heads // 2, a.shape[1]).swapaxes(1, 2).reshape(a.shape)
+        if a.ndim == 1 or qtype == "F32":
+            writer.add_tensor(gname, a.astype(np.float32))
+        elif qtype == "F16":
+            writer.add_tensor(gname, a.astype(np.float16))
+        else:
+            writer.add_tensor(gname, gguf.quants.quantize(a, kind), raw_dtype=kind)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def make_model(name, root, want_gguf):
+    """Write the random model `name` under root; returns (folder, {qtype: gguf path})."""
+    cfg = dict(MODELS[name])
+    llama = cfg["model_type"] == "llama"
+    if llama:
+        cfg.update(LLAMA_DEFAULTS)
+    folder = os.path.join(root, name)
+    os.makedirs(folder, exist_ok=True)
+    tensors = (llama_tensors if llama else opt_tensors)(cfg, np.random.default_rng(0))
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(cfg, f)
+    write_safetensors(os.path.join(folder, "model.safetensors"), tensors)
+    ggufs = {}
+    if llama and want_gguf:
+        for qtype in want_gguf:
+            ggufs[qtype] = os.path.join(root, f"{name}-{qtype}.gguf")
+            write_gguf(ggufs[qtype], cfg, tensors, qtype)
+    return folder, ggufs
+
+
+# --- one engine, in its own process -------------------------------------------------------------------------------
+
+def median_rate(fn, tokens, runs):
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return tokens / statistics.median(times)
+
+
+def worker(engine, folder, gguf_path, threads, runs, cache_dir):
+    """Measure one engine on one model; prints one JSON line."""
+    ids = np.random.default_rng(1).integers(3, 1000, PP)
+    result = {}
+    start = time.perf_counter()
+    if engine == "numpy" or engine.startswith("accel"):
+        import refimpl
+
+        if engine == "numpy":
+            model = refimpl.load(folder)
+        else:
+            model = refimpl.load(folder, backend="numba", weights=engine.split("-")[1], threads=threads,
+                                 cache_dir=cache_dir)
+        result["load_s"] = time.perf_counter() - start
+        opt = model.family == "opt"
+
+        if engine == "numpy":
+            def pp():
+                model(input_ids=ids[None], use_cache=True, **model.generation_forward_kwargs())
+
+            def new_cache():
+                return None
+        else:
+            from accel.generate import next_token_scores
+
+            def pp():
+                next_token_scores(model, ids[None], np.ones((1, PP), np.int64), model.new_cache(1, PP))
+
+            def new_cache():
+                return model.new_cache(1, TG)
+
+        def tg(n=TG):
+            past, token = new_cache(), 1
+            for _ in range(n):
+                out = model(input_ids=[[token]], past_key_values=past, use_cache=True)
+                past, token = out.past_key_values, int(np.argmax(out.logits[0, -1]))
+        del opt
+    elif engine == "torch":
+        import torch
+        import transformers
+
+        torch.set_num_threads(threads)
+        torch.set_grad_enabled(False)
+        model = transformers.AutoModelForCausalLM.from_pretrained(folder, torch_dtype=torch.float32)
+        model.eval()
+        result["load_s"] = time.perf_counter() - start
+        keep = {"num_logits_to_keep": 1} if model.config.model_type == "llama" else {}
+        tids = torch.tensor(ids[None])
+
+        def pp():
+            model(input_ids=tids, use_cache=True, **keep)
+
+        def tg(n=TG):
+            past, token = None, 1
+            for _ in range(n):
+                out = model(input_ids=torch.tensor([[token]]), past_key_values=past, use_cache=True)
+                past, token = out.past_key_values, int(torch.argmax(out.logits[0, -1]))
+    elif engine.startswith("llamacpp"):
+        import llama_cpp
+        from llama_cpp import llama_cpp as lib
+
+        default_params = lib.llama_model_default_params
+
+        def params_without_repacking():  # this CPU's AMX repacking path crashes q8_0 models
+            p = default_params()
+            p.use_extra_bufts = False
+            return p
+        lib.llama_model_default_params = params_without_repacking
+        llm = llama_cpp.Llama(gguf_path, n_ctx=512, n_batch=512, n_ubatch=512, n_threads=threads,
+                              n_threads_batch=threads, verbose=False)
+        result["load_s"] = time.perf_counter() - start
+        n_vocab = llm.n_vocab()
+
+        def pp():
+            llm.reset()
+            llm.eval(ids.tolist())
+
+        def tg(n=TG):
+            llm.reset()
+            token = 1
+            for _ in range(n):
+                llm.eval([token])
+                logits = np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(n_vocab,))
+                token = int(np.argmax(logits))
+    else:
+        raise SystemExit(f"unknown engine {engine}")
+
+    start = time.perf_counter()
+    pp()
+    tg(8)
+    result["warmup_s"] = time.perf_counter() - start
+    result["pp"] = median_rate(pp, PP, runs)
+    result["tg"] = median_rate(tg, TG, max(3, runs // 2 + 1))
+    result["rss_mb"] = peak_rss_mb()
+    print(json.dumps(result))
+
+
+def peak_rss_mb():
+    """This process's peak RSS (VmHWM). ru_maxrss would not do: Linux carries it over from the parent across exec."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_worker(engine, folder, gguf_path, threads, runs, cache_dir, env=None):
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", engine, folder, gguf_path or "-", str(threads),
+           str(runs), cache_dir]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+        return {"error": " | ".join(tail)[-300:]}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# --- compile cost and quality ---------------------------------------------------------------------------------------
+
+COMPILE_CHILD = r"""
+import sys, time, json
+t0 = time.perf_counter()
+import numpy as np, refimpl
+from accel.generate import next_token_scores
+t1 = time.perf_counter()
+m = refimpl.load(sys.argv[1], backend="numba", weights=sys.argv[2])
+t2 = time.perf_counter()
+next_token_scores(m, np.arange(3, 19)[None], np.ones((1, 16), np.int64), m.new_cache(1, 32))
+out = m(input_ids=[[5]], past_key_values=m.new_cache(1, 4), use_cache=True)
+t3 = time.perf_counter()
+print(json.dumps({"import_s": t1 - t0, "load_s": t2 - t1, "first_calls_s": t3 - t2}))
+"""
+
+
+def compile_cost(folder, fmt):
+    """(cold, cached) seconds of the first prompt + decode calls, the Numba cache empty then filled."""
+    with tempfile.TemporaryDirectory() as cache:
+        env = dict(os.environ, NUMBA_CACHE_DIR=cache, PYTHONPATH=ROOT)
+        runs = []
+        for _ in range(2):
+            proc = subprocess.run([sys.executable, "-c", COMPILE_CHILD, folder, fmt], capture_output=True, text=True,
+                                  env=env, cwd=ROOT)
+            if proc.returncode != 0:
+                return None
+            runs.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    return runs
+
+
+def quality_report():
+    """int8 / fp16 / bf16 against fp32 on the golden causal-LM inputs: top-1 agreement, perplexity, max |dlogit|."""
+    sys.path.insert(0, os.path.join(ROOT, "tests"))
+    import refimpl
+    from golden_cases import CASES, GOLDEN, load_case
+
+    rows = []
+    for fmt in ("int8", "fp16", "bf16"):
+        agree = total = 0
+        nll32 = nllq = 0.0
+        count = 0
+        worst = 0.0
+        for case in CASES:
+            folder = os.path.join(GOLDEN, "models", case)
+            if refimpl.read_config(folder).architectures[0] not in ("LlamaForCausalLM", "OpenLlamaForCausalLM",
+                                                                      "OPTForCausalLM"):
+                continue
+            data, meta = load_case(case)
+            fp32 = refimpl.load(folder, backend="numba")
+            quant = refimpl.load(folder, backend="numba", weights=fmt)
+            for call in meta["calls"]:
+                key = f"{call['name']}.in.input_ids"
+                if key not in data.files or call.get("past_from"):
+                    continue
+                ids = data[key]
+                kwargs = {"attention_mask": data[f"{call['name']}.in.attention_mask"]} \
+                    if f"{call['name']}.in.attention_mask" in data.files else {}
+                a = fp32(input_ids=ids, **kwargs).logits.astype(np.float64)
+                b = quant(input_ids=ids, **kwargs).logits.astype(np.float64)
+                mask = kwargs.get("attention_mask", np.ones(ids.shape, np.int64)).astype(bool)
+                agree += int(np.sum((a.argmax(-1) == b.argmax(-1)) & mask))
+                total += int(mask.sum())
+                worst = max(worst, float(np.max(np.abs(a - b))))
+                target = ids[:, 1:]
+                valid = mask[:, 1:] & mask[:, :-1]
+                for logits, acc in ((a, "fp32"), (b, fmt)):
+                    logp = logits[:, :-1] - np.log(np.sum(np.exp(logits[:, :-1] - logits[:, :-1].max(-1, keepdims=True)),
+                                                          -1, keepdims=True)) - logits[:, :-1].max(-1, keepdims=True)
+                    nll = -np.take_along_axis(logp, target[..., None], -1)[..., 0][valid].sum()
+                    if acc == "fp32":
+                        nll32 += nll
+                    else:
+                        nllq += nll
+                count += int(valid.sum())
+        rows.append((fmt, agree / total, total, float(np.exp(nll32 / count)), float(np.exp(nllq / count)), worst))
+    return rows
+
+
+# --- the table ----------------------------------------------------------------------------------------------------
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--engines", default=",".join(ENGINES),
+                        help=f"comma list of {', '.join(ENGINES + OPTIONAL_ENGINES)}")
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--quality", action="store_true", help="also print int8/fp16/bf16 quality on the golden inputs")
+    parser.add_argument("--no-compile", action="store_true", help="skip the Numba compile-time measurement")
+    parser.add_argument("--worker", nargs=6, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        engine, folder, gguf_path, threads, runs, cache_dir = args.worker
+        return worker(engine, folder, None if gguf_path == "-" else gguf_path, int(threads), int(runs), cache_dir)
+
+    engines = args.engines.split(",")
+    have = {"torch": _imports("torch") and _imports("transformers"), "llamacpp": _imports("llama_cpp")}
+    print(f"# bench_decode: {args.threads} threads, median of {args.runs} runs, pp{PP} / tg{TG}, "
+          f"load average {os.getloadavg()[0]:.2f}", flush=True)
+    rows = []
+    with tempfile.TemporaryDirectory() as root:
+        cache_dir = os.path.join(root, "converted")
+        for name in args.models.split(","):
+            qtypes = [e.split("-")[1].upper() for e in engines if e.startswith("llamacpp")]
+            folder, ggufs = make_model(name, root, qtypes if have["llamacpp"] else [])
+            for engine in engines:
+                family = engine.split("-")[0]
+                if family in have and not have[family]:
+                    rows.append((name, engine, {"error": "not installed"}))
+                    continue
+                if family == "llamacpp" and name.startswith("opt"):
+                    continue  # llama.cpp has no OPT
+                if family == "accel":  # convert once (not timed), so the timed process loads the saved weights
+                    run_worker(engine, folder, None, args.threads, 1, cache_dir)
+                qtype = engine.split("-")[1].upper() if family == "llamacpp" else None
+                result = run_worker(engine, folder, ggufs.get(qtype), args.threads, args.runs, cache_dir)
+                rows.append((name, engine, result))
+                print(f"  {name:10s} {engine:14s} {json.dumps(result)}", file=sys.stderr, flush=True)
+            if not args.no_compile and name == args.models.split(",")[0]:
+                compile_rows = [(fmt, compile_cost(folder, fmt)) for fmt in ("fp32", "int8")]
+    print_table(rows)
+    if not args.no_compile:
+        print("\naccel first calls (one 16-token prompt + one decode step), seconds:")
+        for fmt, runs in compile_rows:
+            if runs:
+                print(f"  {fmt}: cold Numba cache {runs[0]['first_calls_s']:.1f} s (import {runs[0]['import_s']:.1f}, "
+                      f"load {runs[0]['load_s']:.1f}); cached {runs[1]['first_calls_s']:.2f} s")
+    if args.quality:
+        print("\nquality against accel fp32 on the golden causal-LM inputs:")
+        print("| weights | top-1 agreement | positions | perplexity fp32 | perplexity | max abs dlogit |")
+        print("|---|---|---|---|---|---|")
+        for fmt, agree, n, p32, pq, worst in quality_report():
+            print(f"| {fmt} | {agree:.4f} | {n} | {p32:.3f} | {pq:.3f} | {worst:.3g} |")
+
+
+def _imports(module):
+    try:
+        __import__(module)
+    except Exception:
+        return False
+    return True
+
+
+def print_table(rows):
+    best = {}
+    for name, engine, r in rows:
+        for key in ("pp", "tg"):
+            if key in r:
+                best[name, key] = max(best.get((name, key), 0.0), r[key])
+    print(f"\n| model | engine | pp{PP} tok/s | ratio | tg{TG} tok/s | ratio | peak RSS MB |")
+    print("|---|---|---|---|---|---|---|")
+    for name, engine, r in rows:
+        if "error" in r:
+            print(f"| {name} | {engine} | - | - | - | - | {r['error']} |")
+            continue
+        print(f"| {name} | {engine} | {r['pp']:.0f} | {r['pp'] / best[name, 'pp']:.2f} | {r['tg']:.1f} | "
+              f"{r['tg'] / best[name, 'tg']:.2f} | {r['rss_mb']:.0f} |")
+
+
+if __name__ == "__main__":
+    main()
