@@ -36,7 +36,14 @@ def load(path, dtype=np.float32, backend="numba", weights="fp32", threads=None, 
     cache_dir: where converted weights are saved; a later load of the same checkpoint and format memory-maps them.
     """
     if backend == "cuda":
-        raise ConfigError("backend='cuda' is not implemented yet")
+        from .cuda.device import check_cuda
+
+        ok, reason = check_cuda()
+        if not ok:
+            raise ConfigError(f"backend='cuda' is not usable here: {reason}")
+        from .cuda.model import load_cuda
+
+        return load_cuda(path, dtype, weights, cache_dir)
     if backend != "numba":
         raise ConfigError(f"backend={backend!r}: accel provides {', '.join(BACKENDS)}")
     if np.dtype(dtype) != np.float32:

@@ -6,6 +6,7 @@ compute dtype, and how the output embedding is tied.
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 
 import numpy as np
@@ -58,6 +59,7 @@ def describe(path, progress=None) -> str:
         ("memory", f"parameters at float32 {human_bytes(4 * count)}, float64 {human_bytes(8 * count)}, "
                    f"weights kept as stored {human_bytes(stored_bytes)}"),
         ("embeddings", tied),
+        ("gpu", gpu_backend_status()),  # can backend="cuda" run here
     ]
     width = max(len(key) for key, _ in rows)
     return "\n".join(f"{key:<{width}}  {value}" for key, value in rows)
@@ -114,3 +116,13 @@ def _tie(c, names: set) -> str:
         extra = "; the file also stores lm_head.weight, which must equal it" if "lm_head.weight" in names else ""
         return f"tied: lm_head is embed_tokens (tie_word_embeddings){extra}"
     return "untied: lm_head.weight is its own tensor"
+
+
+def gpu_backend_status() -> str:
+    """Whether backend="cuda" can run here, and if not, what is missing (asked of accel lazily)."""
+    if importlib.util.find_spec("accel") is None:
+        return "not usable: the accel package is not installed"
+    from accel.cuda.device import check_cuda  # accel imports refimpl; this lazy import runs only for inspect
+
+    usable, reason = check_cuda()
+    return ("usable: " if usable else "not usable: ") + reason

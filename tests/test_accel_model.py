@@ -175,7 +175,7 @@ def test_int8_weights_take_about_a_quarter_of_fp32():
 
 def test_bad_options_raise_config_errors():
     path = os.path.join(GOLDEN, "models", "llama_mha")
-    with pytest.raises(ConfigError, match="backend='cuda' is not implemented yet"):
+    with pytest.raises(ConfigError, match="backend='cuda' is not usable here"):
         refimpl.load(path, backend="cuda")
     with pytest.raises(ConfigError, match="float32"):
         refimpl.load(path, backend="numba", dtype=np.float64)

@@ -263,7 +263,7 @@ def test_inspect_prints_the_table(tmp_path, capsys):
     for expected in ("family      llama", "class       LlamaForCausalLM",
                      "2 layers, hidden 64, 4 heads (4 kv, head_dim",
                      "parameters  94,528 in 21 tensors", "F32: 21 tensors, 94,528 values",
-                     "float32 369.2 KiB, float64 738.5 KiB", "untied"):
+                     "float32 369.2 KiB, float64 738.5 KiB", "untied", "gpu         "):
         assert expected in out, expected
     run_inspect(cf.safetensors_variant("opt_350m_like", tmp_path, "fp16"), "--quiet")
     out = capsys.readouterr().out

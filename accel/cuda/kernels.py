@@ -1,0 +1,307 @@
+"""numba.cuda kernels, each the GPU twin of one refimpl function (its docstring says which: "twin: refimpl...").
+
+They take device arrays through the CUDA array interface (CuPy arrays on a GPU) and also run under Numba's CUDA
+simulator (NUMBA_ENABLE_CUDASIM=1, set before Numba is imported), where they take NumPy arrays: that is how
+tests/test_cuda_kernels.py checks every one of them against its twin on a machine without a GPU.
+
+Each public function is a launcher: it checks shapes, picks the grid and calls the kernel; outputs are written into
+arrays the caller allocated (`out=`) or in place (a trailing underscore). All maths is float32. Reductions (norm
+means, dot products, softmax sums) run in a shared-memory tree over the threads of a block, so they are summed in
+another order than NumPy's: results differ from the twin's in the last bits, bounded as the tests state.
+Elementwise maths (RoPE, activations) is the twin's float32 expression; a GPU compiler may contract a*b + c into
+one FMA, so on a device it matches within a few ulp, and under the simulator exactly (up to exp/erf/tanh's ulp).
+
+Shapes: M rows, D features, O outputs, F intermediate, B batch, S positions, H query heads, Hkv kv heads,
+R = H / Hkv, NH heads in a fused qkv row, Dh head dim, C cache capacity.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import cuda
+
+from refimpl import ConfigError
+
+THREADS = 128  # default threads per block for the reductions (a power of two, <= MAX_THREADS)
+MAX_THREADS = 256  # size of the shared scratch arrays
+MAX_HEAD_DIM = 256  # decode attention keeps one head's context in shared memory
+QBLOCK = 32  # Q8_0 block (accel.quant.QBLOCK)
+F32_MIN = np.float32(np.finfo(np.float32).min)
+NEG_INF = np.float32(-np.inf)
+ZERO, HALF, ONE = np.float32(0.0), np.float32(0.5), np.float32(1.0)
+SQRT_2_OVER_PI = np.float32(math.sqrt(2.0 / math.pi))
+SQRT_2 = np.float32(math.sqrt(2.0))
+STORE, ADD = 0, 1  # epilogues of the int8 matvec: out = y | out += y (the residual add)
+ACT_CODES = {"linear": 0, "silu": 1, "swish": 1, "relu": 2, "gelu": 3, "gelu_new": 4, "gelu_pytorch_tanh": 4}
+
+
+def _threads(threads):
+    t = THREADS if threads is None else int(threads)
+    if t < 1 or t > MAX_THREADS or t & (t - 1):
+        raise ConfigError(f"threads={t}: a power of two up to {MAX_THREADS}")
+    return t
+
+
+@cuda.jit(device=True)
+def _block_sum(scratch, value):
+    """Sum of `value` over the block's threads (blockDim a power of two), by a tree in shared memory."""
+    tid = cuda.threadIdx.x
+    scratch[tid] = value
+    cuda.syncthreads()
+    step = cuda.blockDim.x // 2
+    while step > 0:
+        if tid < step:
+            scratch[tid] += scratch[tid + step]
+        cuda.syncthreads()
+        step //= 2
+    total = scratch[0]
+    cuda.syncthreads()  # everyone has read scratch[0] before it is reused
+    return total
+
+
+# --- norms ---------------------------------------------------------------------------------------------------------
+
+@cuda.jit
+def _rms_norm_kernel(x, weight, eps, out):
+    scratch = cuda.shared.array(MAX_THREADS, np.float32)
+    m = cuda.blockIdx.x
+    D = x.shape[1]
+    s = ZERO
+    for j in range(cuda.threadIdx.x, D, cuda.blockDim.x):
+        v = x[m, j]
+        s += v * v
+    variance = _block_sum(scratch, s) / np.float32(D)
+    inv = ONE / math.sqrt(variance + eps)
+    for j in range(cuda.threadIdx.x, D, cuda.blockDim.x):
+        out[m, j] = weight[j] * (x[m, j] * inv)
+
+
+def rms_norm(x, weight, eps, out, threads=None):
+    """out [M, D] <- w * (x * (1 / sqrt(mean(x^2) + eps))), one block per row.  twin: refimpl.ops.rms_norm"""
+    M = x.shape[0]
+    if M:
+        _rms_norm_kernel[M, _threads(threads)](x, weight, np.float32(eps), out)
+    return out
+
+
+@cuda.jit
+def _layer_norm_kernel(x, weight, bias, eps, out):
+    scratch = cuda.shared.array(MAX_THREADS, np.float32)
+    m = cuda.blockIdx.x
+    D = x.shape[1]
+    n = np.float32(D)
+    s = ZERO
+    for j in range(cuda.threadIdx.x, D, cuda.blockDim.x):
+        s += x[m, j]
+    mean = _block_sum(scratch, s) / n
+    s = ZERO
+    for j in range(cuda.threadIdx.x, D, cuda.blockDim.x):
+        c = x[m, j] - mean
+        s += c * c
+    root = math.sqrt(_block_sum(scratch, s) / n + eps)
+    for j in range(cuda.threadIdx.x, D, cuda.blockDim.x):
+        out[m, j] = (x[m, j] - mean) / root * weight[j] + bias[j]
+
+
+def layer_norm(x, weight, bias, eps, out, threads=None):
+    """out [M, D] <- (x - mean) / sqrt(var + eps) * w + b, one block per row.  twin: refimpl.ops.layer_norm
+
+    A norm without weight or bias is passed ones / zeros (exact: y * 1, y + 0), as kernels_cpu.layer_norm does.
+    """
+    M = x.shape[0]
+    if M:
+        _layer_norm_kernel[M, _threads(threads)](x, weight, bias, np.float32(eps), out)
+    return out
+
+
+# --- rotary position embedding -------------------------------------------------------------------------------------
+
+@cuda.jit
+def _rope_kernel(x, n_heads, cos, sin):
+    b = cuda.blockIdx.x
+    s = cuda.blockIdx.y
+    cb = b if cos.shape[0] > 1 else 0
+    half = x.shape[3] // 2
+    for i in range(cuda.threadIdx.x, n_heads * half, cuda.blockDim.x):
+        h = i // half
+        j = i % half
+        x1 = x[b, s, h, j]
+        x2 = x[b, s, h, j + half]
+        x[b, s, h, j] = x1 * cos[cb, s, j] + (-x2) * sin[cb, s, j]
+        x[b, s, h, j + half] = x2 * cos[cb, s, j + half] + x1 * sin[cb, s, j + half]
+
+
+def rope_(x, n_heads, cos, sin, threads=None):
+    """RoPE in place on heads 0..n_heads-1 of x [B, S, NH, Dh] (the q then k heads of a fused qkv row), half-split
+    pairing (j, j + Dh/2); cos, sin [1 or B, S, Dh].  twin: refimpl.ops.apply_rotary (x * cos + rotate_half(x) * sin),
+    on the layout before the head transpose (as kernels_cpu.apply_rotary_)."""
+    B, S = x.shape[0], x.shape[1]
+    if B and S and n_heads:
+        _rope_kernel[(B, S), _threads(threads)](x, int(n_heads), cos, sin)
+    return x
+
+
+# --- decode attention ----------------------------------------------------------------------------------------------
+
+@cuda.jit
+def _attention_decode_kernel(q, k_cache, v_cache, length, bias, divisor, out):
+    """Block (b, h): query head h of row b against kv head h // R, blocks of blockDim keys at a time.
+
+    A block of keys: thread i scores key start+i (a full dot over Dh) into shared memory; every thread then takes the
+    block's max and sum from shared memory (the same numbers in every thread), rescales the running context by
+    exp(old max - new max), and threads split the head dims to add sum_t p_t v_t.
+    """
+    scores = cuda.shared.array(MAX_THREADS, np.float32)
+    acc = cuda.shared.array(MAX_HEAD_DIM, np.float32)
+    b = cuda.blockIdx.x
+    h = cuda.blockIdx.y
+    tid = cuda.threadIdx.x
+    nt = cuda.blockDim.x
+    H = q.shape[1]
+    Dh = q.shape[2]
+    g = h // (H // k_cache.shape[1])  # GQA: query head h reads kv head h // n_rep (refimpl.ops.repeat_kv)
+    has_bias = bias.shape[1] > 0
+    for d in range(tid, Dh, nt):
+        acc[d] = ZERO
+    running_max = NEG_INF
+    running_sum = ZERO
+    cuda.syncthreads()
+    for start in range(0, length, nt):
+        stop = min(start + nt, length)
+        t = start + tid
+        if t < stop:
+            s = ZERO
+            for d in range(Dh):
+                s += q[b, h, d] * k_cache[b, g, t, d]
+            s = s / divisor
+            if has_bias:
+                s = s + bias[b, t]
+            scores[tid] = max(s, F32_MIN)  # Open-Llama / OPT clamp (a no-op for Llama unless a score is -inf)
+        cuda.syncthreads()
+        block_max = NEG_INF
+        for i in range(stop - start):
+            block_max = max(block_max, scores[i])
+        new_max = max(running_max, block_max)
+        rescale = math.exp(running_max - new_max)  # 0 on the first block
+        block_sum = ZERO
+        for i in range(stop - start):
+            block_sum += math.exp(scores[i] - new_max)
+        running_sum = running_sum * rescale + block_sum
+        for d in range(tid, Dh, nt):
+            a = acc[d] * rescale
+            for i in range(stop - start):
+                a += math.exp(scores[i] - new_max) * v_cache[b, g, start + i, d]
+            acc[d] = a
+        running_max = new_max
+        cuda.syncthreads()  # scores are read by all before the next block overwrites them
+    for d in range(tid, Dh, nt):
+        out[b, h, d] = acc[d] / running_sum
+
+
+def attention_decode(q, k_cache, v_cache, length, bias, divisor, out, threads=None):
+    """out [B, H, Dh] <- softmax(max(q k^T / divisor + bias, finfo.min)) v for one new position per row, read
+    straight from the cache (k_cache, v_cache [B, Hkv, C, Dh], the first `length` positions valid; bias [B, length]
+    additive from the attention mask, or [B, 0] for none). Online softmax, GQA by index (no repeat_kv copy).
+
+    twin: refimpl.llama.attention from `scores = ...` to `probs @ v` for S = 1 (repeat_kv, the divide after the
+    product, the mask, Open-Llama's clamp, softmax); refimpl.opt.attention with divisor 1 (its q is pre-scaled).
+    """
+    B, H, Dh = q.shape
+    if Dh > MAX_HEAD_DIM:
+        raise ConfigError(f"head_dim={Dh}: the CUDA decode kernel handles up to {MAX_HEAD_DIM}")
+    if H % k_cache.shape[1]:
+        raise ConfigError(f"{H} query heads are not a multiple of {k_cache.shape[1]} kv heads")
+    if B and H:
+        _attention_decode_kernel[(B, H), _threads(threads)](q, k_cache, v_cache, int(length), bias,
+                                                           np.float32(divisor), out)
+    return out
+
+
+# --- activations and the gated MLP ---------------------------------------------------------------------------------
+
+@cuda.jit(device=True)
+def _act(x, code):
+    """refimpl.ops.ACTIVATIONS[name] for the codes of ACT_CODES, the same float32 expression."""
+    if code == 1:  # silu: x / (1 + exp(-x))
+        return x / (ONE + math.exp(-x))
+    if code == 2:  # relu
+        return max(x, ZERO)
+    if code == 3:  # exact gelu: 0.5 x (1 + erf(x / sqrt 2))
+        return HALF * x * (ONE + math.erf(x / SQRT_2))
+    if code == 4:  # gelu_new (tanh approximation)
+        return HALF * x * (ONE + math.tanh(SQRT_2_OVER_PI * (x + np.float32(0.044715) * (x * x * x))))
+    return x
+
+
+@cuda.jit
+def _gate_kernel(y, act, out):
+    M, F = out.shape
+    for i in range(cuda.grid(1), M * F, cuda.gridsize(1)):
+        m = i // F
+        f = i % F
+        out[m, f] = _act(y[m, f], act) * y[m, F + f]
+
+
+def gated_act(y, act, out, threads=None):
+    """out [M, F] <- act(gate) * up for y = [gate | up] [M, 2F] (the stacked gate_up projection's output).
+
+    twin: refimpl.llama.mlp's `act(gate) * up` (SiLU for Llama: silu(x) = x / (1 + exp(-x)), refimpl.ops.silu);
+    act is an ACT_CODES code. With up = ones it is the plain activation (OPT's act(fc1)): see `activation`.
+    """
+    M, F = out.shape
+    if M * F:
+        t = _threads(threads)
+        _gate_kernel[min(-(-M * F // t), 1024), t](y, int(act), out)
+    return out
+
+
+@cuda.jit
+def _act_kernel(y, act, out):
+    M, F = out.shape
+    for i in range(cuda.grid(1), M * F, cuda.gridsize(1)):
+        out[i // F, i % F] = _act(y[i // F, i % F], act)
+
+
+def activation(y, act, out, threads=None):
+    """out [M, F] <- act(y) elementwise.  twin: refimpl.ops.ACTIVATIONS[name] (relu, gelu, gelu_new, silu)"""
+    M, F = out.shape
+    if M * F:
+        t = _threads(threads)
+        _act_kernel[min(-(-M * F // t), 1024), t](y, int(act), out)
+    return out
+
+
+# --- int8 (Q8_0) matrix-vector product -----------------------------------------------------------------------------
+
+@cuda.jit
+def _linear_q8_kernel(x, q, d, bias, epilogue, out):
+    """Block o: output column o for every row m; threads stride over D, dequantising q * d on the fly."""
+    scratch = cuda.shared.array(MAX_THREADS, np.float32)
+    o = cuda.blockIdx.x
+    D = x.shape[1]
+    for m in range(x.shape[0]):
+        s = ZERO
+        for j in range(cuda.threadIdx.x, D, cuda.blockDim.x):
+            s += np.float32(q[o, j]) * (x[m, j] * d[o, j // QBLOCK])
+        y = _block_sum(scratch, s)
+        if cuda.threadIdx.x == 0:
+            if bias.shape[0] > 0:
+                y += bias[o]
+            if epilogue == ADD:
+                out[m, o] += y
+            else:
+                out[m, o] = y
+
+
+def linear_q8(x, q, d, bias, out, epilogue=STORE, threads=None):
+    """out [M, O] <- x [M, D] @ dequant(q, d)^T + b (epilogue ADD: out +=), for few rows M (decode).
+
+    q int8 [O, D], d float32 [O, ceil(D/32)] (accel.quant.quantize_q8_0's blocks); the weights are widened in
+    registers, never written out. bias [O] or [0] for none.
+    twin: refimpl.ops.linear on accel.quant.dequantize_q8_0(q, d) (the CPU twin kernel: accel.quant._linear_q8).
+    """
+    O = q.shape[0]
+    if O and x.shape[0]:
+        _linear_q8_kernel[O, _threads(threads)](x, q, d, bias, int(epilogue), out)
+    return out
