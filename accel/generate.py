@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from refimpl.errors import InputError
 from refimpl import generate as ref
-from refimpl.inputs import attention_mask_2d, integer_array
 
 from .sampling import sample
 
@@ -27,26 +25,11 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens=None, max_len
              do_sample=None, temperature=None, top_k=None, top_p=None, repetition_penalty=None, eos_token_id=None,
              pad_token_id=None, seed=None, streamer=None, rng=None):
     """Prompt [B, L] -> sequences [B, L + new], as refimpl.generate.generate (same arguments and checks)."""
-    s = ref.resolve_settings(model, max_new_tokens=max_new_tokens, max_length=max_length, min_new_tokens=min_new_tokens,
-                         do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
-                         repetition_penalty=repetition_penalty, eos_token_id=eos_token_id, pad_token_id=pad_token_id)
-    ids = integer_array(input_ids, "input_ids", 2)
+    s, ids, mask, max_len = ref.prepare_generation(
+        model, input_ids, attention_mask, max_new_tokens=max_new_tokens, max_length=max_length,
+        min_new_tokens=min_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
+        repetition_penalty=repetition_penalty, eos_token_id=eos_token_id, pad_token_id=pad_token_id)
     B, L = ids.shape
-    if L == 0:
-        raise InputError("the prompt is empty: generation needs at least one token (e.g. the bos token)")
-    max_len = s["max_new_tokens"] + L if s["max_new_tokens"] is not None else s["max_length"]
-    if L >= max_len:
-        raise InputError(f"the prompt has {L} tokens, max_length={max_len}: nothing to generate "
-                         "(use max_new_tokens)")
-    limit = model.max_sequence_length()
-    if limit is not None and max_len > limit:
-        raise InputError(f"prompt ({L}) + new tokens = {max_len} positions, more than this model allows ({limit})")
-    if attention_mask is None:
-        pad = s["pad_token_id"]
-        infer = pad is not None and np.any(ids == pad) and pad not in s["eos_token_id"]
-        mask = (ids != pad).astype(np.int64) if infer else np.ones_like(ids)
-    else:
-        mask = attention_mask_2d(attention_mask, B, L)
     if s["do_sample"] and rng is None:
         rng = np.random.default_rng(seed)
 

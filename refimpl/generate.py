@@ -132,13 +132,9 @@ def generation_positions(mask):
 
 # --- the loop ---------------------------------------------------------------------------------------------------
 
-def generate(model, input_ids, attention_mask=None, max_new_tokens=None, max_length=None, min_new_tokens=None,
-             do_sample=None, temperature=None, top_k=None, top_p=None, repetition_penalty=None, eos_token_id=None,
-             pad_token_id=None, seed=None, streamer=None, rng=None):
-    """Prompt [B, L] -> sequences [B, L + new] (prompt then new tokens), as transformers' generate returns."""
-    s = resolve_settings(model, max_new_tokens=max_new_tokens, max_length=max_length, min_new_tokens=min_new_tokens,
-                         do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
-                         repetition_penalty=repetition_penalty, eos_token_id=eos_token_id, pad_token_id=pad_token_id)
+def prepare_generation(model, input_ids, attention_mask, **given):
+    """(settings, prompt ids [B, L], mask [B, L], max total length), every argument checked before any forward."""
+    s = resolve_settings(model, **given)
     ids = integer_array(input_ids, "input_ids", 2)
     B, L = ids.shape
     if L == 0:
@@ -157,6 +153,18 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens=None, max_len
         mask = (ids != pad).astype(np.int64) if infer else np.ones_like(ids)
     else:
         mask = attention_mask_2d(attention_mask, B, L)
+    return s, ids, mask, max_len
+
+
+def generate(model, input_ids, attention_mask=None, max_new_tokens=None, max_length=None, min_new_tokens=None,
+             do_sample=None, temperature=None, top_k=None, top_p=None, repetition_penalty=None, eos_token_id=None,
+             pad_token_id=None, seed=None, streamer=None, rng=None):
+    """Prompt [B, L] -> sequences [B, L + new] (prompt then new tokens), as transformers' generate returns."""
+    s, ids, mask, max_len = prepare_generation(
+        model, input_ids, attention_mask, max_new_tokens=max_new_tokens, max_length=max_length,
+        min_new_tokens=min_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
+        repetition_penalty=repetition_penalty, eos_token_id=eos_token_id, pad_token_id=pad_token_id)
+    B, L = ids.shape
     if s["do_sample"] and rng is None:
         rng = np.random.default_rng(seed)
 
