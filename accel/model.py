@@ -25,7 +25,7 @@ from refimpl.ops import causal_mask, linear as ref_linear
 from refimpl.outputs import ModelOutput
 from refimpl.trace import NO_TRACE
 
-from . import jit
+from . import blas, jit
 from .kernels_cpu import (ACT, ACT_CODES, ADD, F32_MIN, GATED, STORE, apply_rotary_, decode_step_, layer_norm,
                           _rms_norm_rows, masked_softmax_, rms_norm)
 from .kv_cache import KVCache, storage_for
@@ -59,12 +59,15 @@ def attention(qkv4, H, Hkv, storage, layer_index, T, plan, divisor, cos=None, si
     q = np.ascontiguousarray(qkv4[:, :, :H].transpose(0, 2, 1, 3))  # -> [B, H, S, Dh]
     # contiguous copies [B, Hkv, K, Dh]: NumPy's matmul leaves BLAS for a stack whose stride is the capacity C
     keys, values = np.ascontiguousarray(k_cache[:, :, :K]), np.ascontiguousarray(v_cache[:, :, :K])
-    # query heads of one kv head side by side: [B, Hkv, R*S, Dh] @ [B, Hkv, Dh, K], no repeat_kv copy
-    scores = (q.reshape(B, Hkv, R * S, Dh) @ keys.transpose(0, 1, 3, 2)).reshape(B, H, S, K)
+    # query heads of one kv head side by side: [B*Hkv, R*S, Dh] @ [B*Hkv, Dh, K], no repeat_kv copy
+    G = B * Hkv
+    scores = blas.matmul_batched(q.reshape(G, R * S, Dh), keys.reshape(G, K, Dh), np.empty((G, R * S, K), F32),
+                                 transpose_b=True).reshape(B, H, S, K)
     probs = masked_softmax_(scores, plan[1], divisor)  # [B, H, S, K]
     if layer_head_mask is not None:
         probs = probs * layer_head_mask[None, :, None, None]  # OPT's head_mask scales each head's probabilities
-    context = probs.reshape(B, Hkv, R * S, K) @ values  # -> [B, Hkv, R*S, Dh]
+    context = blas.matmul_batched(np.ascontiguousarray(probs).reshape(G, R * S, K), values.reshape(G, K, Dh),
+                                  np.empty((G, R * S, Dh), F32))  # -> [B*Hkv, R*S, Dh]
     context = context.reshape(B, H, S, Dh).transpose(0, 2, 1, 3).reshape(B * S, H * Dh)  # -> [M, H*Dh]
     return context, probs
 
@@ -297,7 +300,9 @@ class AccelModel:
     threads = None
 
     def _enter(self):
-        jit.set_threads(self.threads or jit.max_threads())  # Numba's count is per Python thread: set it each call
+        threads = self.threads or jit.max_threads()
+        jit.set_threads(threads)  # Numba's count is per Python thread: set it each call
+        blas.set_threads(threads)  # so is MKL's (a no-op without MKL)
 
     def new_cache(self, batch, capacity):
         """An empty KVCache with room for `capacity` positions (pass it as past_key_values)."""

@@ -24,13 +24,15 @@ from refimpl import ConfigError
 from refimpl.ops import ACTIVATIONS
 
 from .jit import FASTMATH, njit, prange
-from .kernels_cpu import (ACT, ACT_CODES, ADD, GATED, STORE, ZERO, _dot4, _finish_task, _linear_f32, _task_rows,
-                          _task_stride)
+from .blas import matmul_nt
+from .kernels_cpu import (ACT, ACT_CODES, ADD, GATED, STORE, ZERO, _act, _dot4, _finish_task, _linear_f32,
+                          _task_rows, _task_stride)
 
 FORMATS = ("fp32", "fp16", "bf16", "int8")
 QBLOCK = 32  # weights per Q8_0 block
 SMALL_M = 4  # rows up to which the matrix-vector kernels are used (above: BLAS on a float32 matrix)
 NO_BIAS = np.zeros(0, np.float32)
+EXACT_ACTS = (0, 2, 7, 8)  # linear, relu, relu2, relu6: no exp / tanh, Numba's epilogue is refimpl's bits
 ACT_FUNCTIONS = {code: ACTIVATIONS[name] for name, code in ACT_CODES.items()}  # kernel code -> refimpl's function
 
 
@@ -314,23 +316,59 @@ def linear_into(x, weight, bias, act, epilogue, out):
         else:
             _linear_half(x, weight.data, weight.format == "bf16", bias, act, epilogue, out)
         return out
-    # many rows: BLAS, then the epilogue as refimpl's own NumPy expressions (vectorised exp/tanh, same numbers)
+    # many rows: one GEMM (accel.blas: MKL when installed, else NumPy's BLAS) into a scratch, then the epilogue
     w = _dequantized(weight)
     if epilogue == STORE and bias.shape[0] == 0:
-        return np.matmul(x, w.T, out=out)
-    y = x @ w.T  # [M, O]
-    if bias.shape[0]:
-        y += bias
-    if epilogue == STORE:
-        out[...] = y
-    elif epilogue == ADD:
-        out += y
-    elif epilogue == ACT:
-        out[...] = ACT_FUNCTIONS[act](y)
-    else:
-        F = out.shape[1]
-        out[...] = ACT_FUNCTIONS[act](y[:, :F]) * y[:, F:]
+        return matmul_nt(x, w, out)
+    y = matmul_nt(x, w, _scratch_rows(M, weight.shape[0]))  # [M, O]
+    if epilogue == GATED or (epilogue == ACT and act not in EXACT_ACTS):
+        # exp / tanh activations: refimpl's own vectorised NumPy expressions (Numba's scalar libm calls are slower)
+        if bias.shape[0]:
+            y += bias
+        if epilogue == ACT:
+            out[...] = ACT_FUNCTIONS[act](y)
+        else:
+            F = out.shape[1]
+            out[...] = ACT_FUNCTIONS[act](y[:, :F]) * y[:, F:]
+        return out
+    _epilogue_rows(y, bias, act, epilogue, out)  # y + b, then stored / added to the residual / activated
     return out
+
+
+def _scratch_rows(M, O):
+    """A per-thread float32 [M, O] scratch for GEMM results, reused between calls of the same shape."""
+    cache = getattr(_scratch, "rows", None)
+    if cache is None:
+        cache = _scratch.rows = {}
+    buffer = cache.get((M, O))
+    if buffer is None:
+        if len(cache) > 16:  # prompts of many lengths: keep the cache small
+            cache.clear()
+        buffer = cache[M, O] = np.empty((M, O), np.float32)
+    return buffer
+
+
+@njit()
+def _epilogue_rows(y, bias, act, epilogue, out):
+    """out <- epilogue(y + b) (STORE, ADD, or ACT with an exact activation), refimpl's float32 operations in order.
+
+    One tight loop per case (a per-element switch costs ~30x). Serial, as _dequantize_q8 below: it sits between two
+    BLAS calls, and a parallel region there costs more in thread hand-over than it saves on one pass over [M, O]."""
+    M, O = y.shape
+    b = bias if bias.shape[0] > 0 else np.zeros(O, np.float32)
+    for m in range(M):
+        if epilogue == ADD:
+            for o in range(O):
+                out[m, o] += y[m, o] + b[o]
+        elif epilogue == STORE:
+            for o in range(O):
+                out[m, o] = y[m, o] + b[o]
+        elif act == 2:  # relu
+            for o in range(O):
+                out[m, o] = max(y[m, o] + b[o], ZERO)
+        else:
+            for o in range(O):
+                out[m, o] = _act(y[m, o] + b[o], act)
 
 
 def as_weight(weight):

@@ -14,6 +14,8 @@ compile) is excluded; each figure is the median of --runs runs. Definitions:
          position only; OPT: transformers and refimpl compute the logits of all 128 positions, accel the last only)
   tg64   64 single-token forwards with a KV cache that starts empty, greedy argmax between them
   ratio  the row's tok/s over the best row's, per model and column
+accel's prompt products run on MKL when the mkl wheel is installed (accel/blas.py); the accel-fp32-npblas row is
+the same engine with REFIMPL_BLAS=numpy (NumPy's bundled OpenBLAS), the baseline for that choice.
 accel's Numba compile time is measured separately, in a process with an empty NUMBA_CACHE_DIR (cold) and again
 with that cache filled (cached). --quality prints int8 / fp16 / bf16 against fp32 on the golden inputs.
 """
@@ -48,7 +50,7 @@ MODELS = {
 }
 LLAMA_DEFAULTS = {"rms_norm_eps": 1e-5, "rope_theta": 10000.0, "hidden_act": "silu", "tie_word_embeddings": False,
                   "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": "float32"}
-ENGINES = ["numpy", "accel-fp32", "accel-int8", "torch", "llamacpp-f32", "llamacpp-q8_0"]
+ENGINES = ["numpy", "accel-fp32", "accel-fp32-npblas", "accel-int8", "torch", "llamacpp-f32", "llamacpp-q8_0"]
 OPTIONAL_ENGINES = ["accel-fp16", "accel-bf16", "llamacpp-f16"]
 PP, TG = 128, 64
 
@@ -394,8 +396,11 @@ def main():
 
     engines = args.engines.split(",")
     have = {"torch": _imports("torch") and _imports("transformers"), "llamacpp": _imports("llama_cpp")}
+    from accel import blas
+
     print(f"# bench_decode: {args.threads} threads, median of {args.runs} runs, pp{PP} / tg{TG}, "
-          f"load average {os.getloadavg()[0]:.2f}", flush=True)
+          f"load average {os.getloadavg()[0]:.2f}; accel's prompt GEMMs: {blas.provider()[1]} "
+          f"(accel-*-npblas rows: REFIMPL_BLAS=numpy)", flush=True)
     rows = []
     with tempfile.TemporaryDirectory() as root:
         cache_dir = os.path.join(root, "converted")
@@ -412,7 +417,8 @@ def main():
                 if family == "accel":  # convert once (not timed), so the timed process loads the saved weights
                     run_worker(engine, folder, None, args.threads, 1, cache_dir)
                 qtype = engine.split("-")[1].upper() if family == "llamacpp" else None
-                result = run_worker(engine, folder, ggufs.get(qtype), args.threads, args.runs, cache_dir)
+                env = dict(os.environ, REFIMPL_BLAS="numpy") if engine.endswith("-npblas") else None
+                result = run_worker(engine, folder, ggufs.get(qtype), args.threads, args.runs, cache_dir, env)
                 rows.append((name, engine, result))
                 print(f"  {name:10s} {engine:14s} {json.dumps(result)}", file=sys.stderr, flush=True)
             if not args.no_compile and name == args.models.split(",")[0]:

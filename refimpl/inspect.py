@@ -59,6 +59,7 @@ def describe(path, progress=None) -> str:
         ("memory", f"parameters at float32 {human_bytes(4 * count)}, float64 {human_bytes(8 * count)}, "
                    f"weights kept as stored {human_bytes(stored_bytes)}"),
         ("embeddings", tied),
+        ("cpu", cpu_backend_status()),  # can backend="numba" run here, and on which BLAS
         ("gpu", gpu_backend_status()),  # can backend="cuda" run here
     ]
     width = max(len(key) for key, _ in rows)
@@ -116,6 +117,21 @@ def _tie(c, names: set) -> str:
         extra = "; the file also stores lm_head.weight, which must equal it" if "lm_head.weight" in names else ""
         return f"tied: lm_head is embed_tokens (tie_word_embeddings){extra}"
     return "untied: lm_head.weight is its own tensor"
+
+
+def cpu_backend_status() -> str:
+    """Whether backend="numba" can run here, and which library computes its prompt GEMMs (asked of accel lazily)."""
+    if importlib.util.find_spec("accel") is None:
+        return "backend='numba' not usable: the accel package is not installed"
+    import accel
+    from accel import blas
+
+    ok, detail = accel.numba_available()
+    if not ok:
+        return f"backend='numba' not usable: Numba is missing (pip install 'refimpl[accel]'): {detail}"
+    kind, reason = blas.provider()
+    gemm = reason if kind == "mkl" else f"NumPy's BLAS ({reason})"
+    return f"backend='numba' usable (Numba {detail}); prompt GEMMs on {gemm}"
 
 
 def gpu_backend_status() -> str:
