@@ -43,7 +43,7 @@ def load(path, dtype=np.float32, backend="numba", weights="fp32", threads=None, 
             raise ConfigError(f"backend='cuda' is not usable here: {reason}")
         from .cuda.model import load_cuda
 
-        return load_cuda(path, dtype, weights, cache_dir)
+        return load_cuda(path, dtype, weights, cache_dir, threads)
     if backend != "numba":
         raise ConfigError(f"backend={backend!r}: accel provides {', '.join(BACKENDS)}")
     if np.dtype(dtype) != np.float32:

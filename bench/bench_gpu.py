@@ -1,12 +1,18 @@
 """GPU rows of the llama-bench table: refimpl-cuda (fp32, fp16, int8) and transformers on torch CUDA (fp32, fp16).
 
-    python bench/bench_gpu.py [--models llama-15m,llama-110m] [--runs 5]
+    python bench/bench_gpu.py [--models llama-15m,llama-110m,opt-125m] [--runs 5]
 
-Same random-weight Llama models and definitions as bench/bench_decode.py (pp128: one 128-token prompt forward;
-tg64: 64 single-token forwards with a KV cache, greedy between them), timed after a warm-up with the device
-synchronised. Columns: tok/s, memory (refimpl-cuda: bytes of the uploaded weights and CuPy's pool high water;
-torch: torch.cuda.max_memory_allocated) and, for tg64, the fraction of the device's bandwidth limit reached:
-weight bytes read per token / time per token over 2 * memoryClockRate * memoryBusWidth / 8 (device properties).
+Same random-weight models (the stories15M / stories110M Llama shapes, the OPT-125m shape) and definitions as
+bench/bench_decode.py, timed after a warm-up with the device synchronised:
+  pp128  one 128-token prompt forward into an empty cache, up to the last position's logits on the host (refimpl-cuda:
+         what generate's first step does, model._decoder_call + model._last_logits; transformers: Llama keeps the
+         last position's logits only, OPT computes all 128);
+  tg64   64 single-token forwards with a KV cache, greedy between them (refimpl-cuda: model.generate of 64 new
+         tokens after a 1-token prompt, eos disabled: refimpl's generate loop, logits of the last position to the
+         host each step; transformers: its forward in a loop with argmax on the device).
+Columns: tok/s, memory (refimpl-cuda: bytes of the uploaded weights and CuPy's pool high water; torch:
+torch.cuda.max_memory_allocated) and, for tg64, the fraction of the device's bandwidth limit reached: weight bytes
+read per token / time per token over 2 * memoryClockRate * memoryBusWidth / 8 (device properties).
 Prints "no GPU backend: <reason>" and exits 0 where accel.cuda.device.check_cuda() says the backend cannot run.
 """
 from __future__ import annotations
@@ -46,17 +52,16 @@ def refimpl_cuda_rows(folder, fmt, runs, pp, tg):
 
     model = refimpl.load(folder, backend="cuda", weights=fmt)
     pool = cupy.get_default_memory_pool()
-    ids = np.random.default_rng(0).integers(1, model.config.vocab_size, (1, pp))
+    ids = np.random.default_rng(0).integers(3, model.config.vocab_size, (1, pp))
+    mask, positions = np.ones((1, pp), np.int64), np.arange(pp)[None]
     sync = cupy.cuda.Device().synchronize
 
     def prompt():
-        model.logits(ids, model.new_cache(1, pp))
+        h, _ = model._decoder_call(ids, mask, positions, model.new_cache(1, pp))
+        model._last_logits(h)
 
     def decode():
-        cache = model.new_cache(1, tg)
-        token = np.array([[1]])
-        for _ in range(tg):
-            token = np.array([[int(cupy.argmax(model.logits(token, cache)[0, -1]))]])
+        model.generate(np.array([[3]]), max_new_tokens=tg, eos_token_id=[], do_sample=False)
 
     t_pp, t_tg = timed(prompt, sync, runs), timed(decode, sync, runs)
     return pp / t_pp, tg / t_tg, model.weight_bytes(), pool.total_bytes(), model.weight_bytes() * tg / t_tg
@@ -71,9 +76,11 @@ def torch_rows(folder, dtype_name, runs, pp, tg):
     ids = torch.randint(1, model.config.vocab_size, (1, pp), device="cuda")
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
 
+    keep = {"num_logits_to_keep": 1} if model.config.model_type == "llama" else {}  # OPT has no such argument
+
     @torch.no_grad()
     def prompt():
-        model(input_ids=ids, use_cache=True, num_logits_to_keep=1)
+        model(input_ids=ids, use_cache=True, **keep)
 
     @torch.no_grad()
     def decode():
@@ -88,10 +95,10 @@ def torch_rows(folder, dtype_name, runs, pp, tg):
 
 
 def main():
-    from bench_decode import MODELS, PP, TG, make_model
+    from bench_decode import PP, TG, make_model
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", default="llama-15m,llama-110m")
+    parser.add_argument("--models", default="llama-15m,llama-110m,opt-125m")
     parser.add_argument("--runs", type=int, default=5)
     args = parser.parse_args()
     ok, reason = check_cuda()
@@ -107,8 +114,6 @@ def main():
           f"{'peak MB':>8} {'tg % of BW':>10}")
     with tempfile.TemporaryDirectory() as root:
         for name in args.models.split(","):
-            if MODELS[name]["model_type"] != "llama":
-                continue  # backend="cuda" runs Llama / Open-Llama so far
             folder, _ = make_model(name, root, ())
             rows = [(f"refimpl-cuda {fmt}", refimpl_cuda_rows, fmt) for fmt in ("fp32", "fp16", "int8")]
             try:

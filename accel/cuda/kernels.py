@@ -5,7 +5,8 @@ simulator (NUMBA_ENABLE_CUDASIM=1, set before Numba is imported), where they tak
 tests/test_cuda_kernels.py checks every one of them against its twin on a machine without a GPU.
 
 Each public function is a launcher: it checks shapes, picks the grid and calls the kernel; outputs are written into
-arrays the caller allocated (`out=`) or in place (a trailing underscore). All maths is float32. Reductions (norm
+arrays the caller allocated (`out=`) or in place (a trailing underscore); elementwise kernels stride over their
+rows with at most MAX_GRID blocks (the simulator tests launch few). All maths is float32. Reductions (norm
 means, dot products, softmax sums) run in a shared-memory tree over the threads of a block, so they are summed in
 another order than NumPy's: results differ from the twin's in the last bits, bounded as the tests state.
 Elementwise maths (RoPE, activations) is the twin's float32 expression; a GPU compiler may contract a*b + c into
@@ -33,7 +34,11 @@ ZERO, HALF, ONE = np.float32(0.0), np.float32(0.5), np.float32(1.0)
 SQRT_2_OVER_PI = np.float32(math.sqrt(2.0 / math.pi))
 SQRT_2 = np.float32(math.sqrt(2.0))
 STORE, ADD = 0, 1  # epilogues of the int8 matvec: out = y | out += y (the residual add)
-ACT_CODES = {"linear": 0, "silu": 1, "swish": 1, "relu": 2, "gelu": 3, "gelu_new": 4, "gelu_pytorch_tanh": 4}
+# refimpl.ops.ACTIVATIONS names -> the codes of _act (accel.kernels_cpu.ACT_CODES' numbering)
+ACT_CODES = {"linear": 0, "silu": 1, "swish": 1, "relu": 2, "gelu": 3, "gelu_new": 4, "gelu_pytorch_tanh": 4,
+             "gelu_fast": 5, "quick_gelu": 6, "relu2": 7, "relu6": 8, "mish": 9, "tanh": 10, "sigmoid": 11}
+MAX_GRID = 1024  # most blocks an elementwise (grid-stride) launch uses; any value >= 1 gives the same result
+LOG_2 = np.float32(math.log(2.0))
 
 
 def _threads(threads):
@@ -41,6 +46,19 @@ def _threads(threads):
     if t < 1 or t > MAX_THREADS or t & (t - 1):
         raise ConfigError(f"threads={t}: a power of two up to {MAX_THREADS}")
     return t
+
+
+@cuda.jit(device=True)
+def _min(a, b):
+    """min(a, b) with Python's semantics (a unless b < a). Not the builtin: Numba 0.66-0.68's CUDA target fails to
+    compile a two-argument min / max ("Signature mismatch", numba/numba#10753); the simulator does not see it."""
+    return b if b < a else a
+
+
+@cuda.jit(device=True)
+def _max(a, b):
+    """max(a, b) with Python's semantics (a unless b > a), as _min."""
+    return b if b > a else a
 
 
 @cuda.jit(device=True)
@@ -168,7 +186,7 @@ def _attention_decode_kernel(q, k_cache, v_cache, length, bias, divisor, out):
     running_sum = ZERO
     cuda.syncthreads()
     for start in range(0, length, nt):
-        stop = min(start + nt, length)
+        stop = _min(start + nt, length)
         t = start + tid
         if t < stop:
             s = ZERO
@@ -177,12 +195,12 @@ def _attention_decode_kernel(q, k_cache, v_cache, length, bias, divisor, out):
             s = s / divisor
             if has_bias:
                 s = s + bias[b, t]
-            scores[tid] = max(s, F32_MIN)  # Open-Llama / OPT clamp (a no-op for Llama unless a score is -inf)
+            scores[tid] = _max(s, F32_MIN)  # Open-Llama / OPT clamp (a no-op for Llama unless a score is -inf)
         cuda.syncthreads()
         block_max = NEG_INF
         for i in range(stop - start):
-            block_max = max(block_max, scores[i])
-        new_max = max(running_max, block_max)
+            block_max = _max(block_max, scores[i])
+        new_max = _max(running_max, block_max)
         rescale = math.exp(running_max - new_max)  # 0 on the first block
         block_sum = ZERO
         for i in range(stop - start):
@@ -222,15 +240,36 @@ def attention_decode(q, k_cache, v_cache, length, bias, divisor, out, threads=No
 
 @cuda.jit(device=True)
 def _act(x, code):
-    """refimpl.ops.ACTIVATIONS[name] for the codes of ACT_CODES, the same float32 expression."""
+    """refimpl.ops.ACTIVATIONS[name] for the codes of ACT_CODES, the same float32 expression (as kernels_cpu._act)."""
     if code == 1:  # silu: x / (1 + exp(-x))
         return x / (ONE + math.exp(-x))
     if code == 2:  # relu
-        return max(x, ZERO)
+        return _max(x, ZERO)
     if code == 3:  # exact gelu: 0.5 x (1 + erf(x / sqrt 2))
         return HALF * x * (ONE + math.erf(x / SQRT_2))
     if code == 4:  # gelu_new (tanh approximation)
         return HALF * x * (ONE + math.tanh(SQRT_2_OVER_PI * (x + np.float32(0.044715) * (x * x * x))))
+    if code == 5:  # gelu_fast
+        return HALF * x * (ONE + math.tanh(x * np.float32(0.7978845608) * (ONE + np.float32(0.044715) * x * x)))
+    if code == 6:  # quick_gelu: x sigmoid(1.702 x)
+        return x * (ONE / (ONE + math.exp(-(np.float32(1.702) * x))))
+    if code == 7:  # relu2
+        r = _max(x, ZERO)
+        return r * r
+    if code == 8:  # relu6
+        return _min(_max(x, ZERO), np.float32(6.0))
+    if code == 9:  # mish: x tanh(softplus(x)), softplus as NumPy's logaddexp(x, 0)
+        if x == ZERO:
+            softplus = LOG_2
+        elif x > ZERO:
+            softplus = x + math.log1p(math.exp(-x))
+        else:
+            softplus = math.log1p(math.exp(x))
+        return x * math.tanh(softplus)
+    if code == 10:
+        return math.tanh(x)
+    if code == 11:  # sigmoid
+        return ONE / (ONE + math.exp(-x))
     return x
 
 
@@ -252,7 +291,7 @@ def gated_act(y, act, out, threads=None):
     M, F = out.shape
     if M * F:
         t = _threads(threads)
-        _gate_kernel[min(-(-M * F // t), 1024), t](y, int(act), out)
+        _gate_kernel[min(-(-M * F // t), MAX_GRID), t](y, int(act), out)
     return out
 
 
@@ -264,11 +303,12 @@ def _act_kernel(y, act, out):
 
 
 def activation(y, act, out, threads=None):
-    """out [M, F] <- act(y) elementwise.  twin: refimpl.ops.ACTIVATIONS[name] (relu, gelu, gelu_new, silu)"""
+    """out [M, F] <- act(y) elementwise (OPT's act(fc1(h))).  twin: refimpl.ops.ACTIVATIONS[name], every name of
+    ACT_CODES (relu, gelu, gelu_new, silu, gelu_fast, quick_gelu, relu2, relu6, mish, tanh, sigmoid, linear)"""
     M, F = out.shape
     if M * F:
         t = _threads(threads)
-        _act_kernel[min(-(-M * F // t), 1024), t](y, int(act), out)
+        _act_kernel[min(-(-M * F // t), MAX_GRID), t](y, int(act), out)
     return out
 
 
