@@ -9,15 +9,20 @@ from __future__ import annotations
 import os
 
 import numba
+import numpy as np
 from numba import prange  # noqa: F401  (re-exported for the kernel modules)
 
 FASTMATH = {"reassoc", "contract", "arcp", "nsz"}
 JIT_DISABLED = bool(int(os.environ.get("NUMBA_DISABLE_JIT", "0") or 0))
 
 
-def njit(parallel=False, fastmath=False):
-    """numba.njit(cache=True, nogil=True, ...): lazy, so a kernel compiles (or loads from the cache) on first use."""
-    return numba.njit(cache=True, nogil=True, parallel=parallel, fastmath=fastmath)
+def njit(parallel=False, fastmath=False, inline="never"):
+    """numba.njit(cache=True, nogil=True, error_model="numpy", ...): lazy, so a kernel compiles (or loads from the
+    cache) on first use. error_model="numpy": a float division by zero gives inf or nan, as in the NumPy twin, instead
+    of raising ZeroDivisionError; it also drops the zero check that kept LLVM from vectorising loops that divide.
+    inline="always" splices a helper into its caller in Numba's IR (LLVM inlines small helpers anyway)."""
+    return numba.njit(cache=True, nogil=True, error_model="numpy", parallel=parallel, fastmath=fastmath,
+                      inline=inline)
 
 
 def max_threads():
@@ -28,3 +33,24 @@ def max_threads():
 def set_threads(n):
     """Numba's thread count for kernels called from this Python thread (at most max_threads())."""
     numba.set_num_threads(max(1, min(int(n), max_threads())))
+
+
+if JIT_DISABLED:
+    def f32_from_bits(bits):
+        """The float32 whose bit pattern is the int32 `bits` (plain Python under NUMBA_DISABLE_JIT=1)."""
+        return np.array(bits, np.int32).view(np.float32)[()]
+else:
+    from llvmlite import ir
+    from numba import types
+    from numba.extending import intrinsic
+
+    @intrinsic
+    def f32_from_bits(typingctx, bits):
+        """The float32 whose bit pattern is the int32 `bits` (an integer argument is cast to int32 first): one
+        bitcast, which LLVM vectorises (NumPy's .view(np.float32) for a scalar, inside a kernel)."""
+        if not isinstance(bits, types.Integer):
+            return None
+
+        def codegen(context, builder, signature, args):
+            return builder.bitcast(args[0], ir.FloatType())
+        return types.float32(types.int32), codegen

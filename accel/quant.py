@@ -25,7 +25,7 @@ from refimpl.ops import ACTIVATIONS
 
 from .jit import FASTMATH, njit, prange
 from .blas import matmul_nt
-from .kernels_cpu import (ACT, ACT_CODES, ADD, GATED, STORE, ZERO, _act, _dot4, _finish_task, _linear_f32,
+from .kernels_cpu import (ACT, ACT_CODES, ADD, GATED, ONE, STORE, ZERO, _act, _dot4, _exp, _finish_task, _linear_f32,
                           _task_rows, _task_stride)
 
 FORMATS = ("fp32", "fp16", "bf16", "int8")
@@ -33,6 +33,9 @@ QBLOCK = 32  # weights per Q8_0 block
 SMALL_M = 4  # rows up to which the matrix-vector kernels are used (above: BLAS on a float32 matrix)
 NO_BIAS = np.zeros(0, np.float32)
 EXACT_ACTS = (0, 2, 7, 8)  # linear, relu, relu2, relu6: no exp / tanh, Numba's epilogue is refimpl's bits
+# activations the BLAS path's Numba epilogue computes: the exact ones, and silu and sigmoid through the vectorised
+# kernels_cpu._exp (a few ulp from NumPy's exp); the others go through refimpl's NumPy expressions
+NUMBA_EPILOGUE_ACTS = EXACT_ACTS + (1, 11)
 ACT_FUNCTIONS = {code: ACTIVATIONS[name] for name, code in ACT_CODES.items()}  # kernel code -> refimpl's function
 
 
@@ -321,8 +324,8 @@ def linear_into(x, weight, bias, act, epilogue, out):
     if epilogue == STORE and bias.shape[0] == 0:
         return matmul_nt(x, w, out)
     y = matmul_nt(x, w, _scratch_rows(M, weight.shape[0]))  # [M, O]
-    if epilogue == GATED or (epilogue == ACT and act not in EXACT_ACTS):
-        # exp / tanh activations: refimpl's own vectorised NumPy expressions (Numba's scalar libm calls are slower)
+    if act not in NUMBA_EPILOGUE_ACTS and epilogue in (ACT, GATED):
+        # tanh / erf / log1p activations: refimpl's own vectorised NumPy expressions (Numba calls scalar libm)
         if bias.shape[0]:
             y += bias
         if epilogue == ACT:
@@ -331,7 +334,7 @@ def linear_into(x, weight, bias, act, epilogue, out):
             F = out.shape[1]
             out[...] = ACT_FUNCTIONS[act](y[:, :F]) * y[:, F:]
         return out
-    _epilogue_rows(y, bias, act, epilogue, out)  # y + b, then stored / added to the residual / activated
+    _epilogue_rows(y, bias, act, epilogue, out)  # y + b, then stored / added to the residual / activated / gated
     return out
 
 
@@ -350,12 +353,13 @@ def _scratch_rows(M, O):
 
 @njit()
 def _epilogue_rows(y, bias, act, epilogue, out):
-    """out <- epilogue(y + b) (STORE, ADD, or ACT with an exact activation), refimpl's float32 operations in order.
+    """out <- epilogue(y + b) (STORE, ADD, ACT or GATED with an activation of NUMBA_EPILOGUE_ACTS), refimpl's float32
+    operations in order; for GATED, y is [M, 2F] (gate, up) and out [M, F].
 
     One tight loop per case (a per-element switch costs ~30x). Serial, as _dequantize_q8 below: it sits between two
     BLAS calls, and a parallel region there costs more in thread hand-over than it saves on one pass over [M, O]."""
-    M, O = y.shape
-    b = bias if bias.shape[0] > 0 else np.zeros(O, np.float32)
+    M, O = out.shape
+    b = bias if bias.shape[0] > 0 else np.zeros(y.shape[1], np.float32)
     for m in range(M):
         if epilogue == ADD:
             for o in range(O):
@@ -363,9 +367,20 @@ def _epilogue_rows(y, bias, act, epilogue, out):
         elif epilogue == STORE:
             for o in range(O):
                 out[m, o] = y[m, o] + b[o]
+        elif epilogue == GATED and act == 1:  # silu(gate) * up, the Llama MLP
+            for o in range(O):
+                gate = y[m, o] + b[o]
+                out[m, o] = gate / (ONE + _exp(-gate)) * (y[m, O + o] + b[O + o])
+        elif epilogue == GATED:
+            for o in range(O):
+                out[m, o] = _act(y[m, o] + b[o], act) * (y[m, O + o] + b[O + o])
         elif act == 2:  # relu
             for o in range(O):
                 out[m, o] = max(y[m, o] + b[o], ZERO)
+        elif act == 1:
+            for o in range(O):
+                v = y[m, o] + b[o]
+                out[m, o] = v / (ONE + _exp(-v))
         else:
             for o in range(O):
                 out[m, o] = _act(y[m, o] + b[o], act)

@@ -71,6 +71,29 @@ def test_layer_norm_matches_twin(seed, rows, d, affine):
     assert np.all(np.abs(ours - ref) <= (2 * d + 4) * EPS * scale)
 
 
+# --- exp -----------------------------------------------------------------------------------------------------------
+
+def test_vectorisable_exp_is_within_an_ulp_and_a_bit_of_exact():
+    """kernels_cpu._exp (Cephes' expf: a degree-7 polynomial after Cody-Waite reduction, ~1 ulp by design) against
+    exp in float64 rounded once: <= 1.5 ulp of the float32 result over [-103.9, 88.7], which is also within the 4 ulp
+    the other kernels allow against NumPy's own expf (<= 2.5 ulp from exact on this machine); the subnormal results
+    within one subnormal step; overflow, underflow, infinities and nan as np.exp gives them."""
+    from accel.jit import JIT_DISABLED
+    n = 3_000 if JIT_DISABLED else 300_000
+    rng = np.random.default_rng(0)
+    x = np.concatenate([rng.uniform(-103.9, 88.72, n), np.linspace(-1, 1, n // 10)]).astype(np.float32)
+    ours = np.array([k._exp(v) for v in x], np.float32)  # a jitted scalar comes back as a Python float
+    exact = np.exp(x.astype(np.float64))
+    normal = exact >= np.finfo(np.float32).tiny
+    ulp = np.spacing(exact[normal].astype(np.float32)).astype(np.float64)
+    assert np.max(np.abs(ours[normal] - exact[normal]) / ulp) <= 1.5
+    assert np.max(np.abs(ours[~normal] - exact[~normal])) <= 2.0 ** -149
+    special = np.float32([88.72284, 89.0, 1e30, np.inf, -103.98, -120.0, -1e30, -np.inf, np.nan, 0.0, -0.0])
+    with np.errstate(all="ignore"):  # NUMBA_DISABLE_JIT: NumPy warns on the scalar steps an inf or nan takes
+        expected, got = np.exp(special), np.array([k._exp(v) for v in special], np.float32)
+    np.testing.assert_array_equal(got, expected)
+
+
 # --- activations and the linear kernels ---------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name", sorted(ops.ACTIVATIONS))
@@ -258,6 +281,18 @@ def test_masked_softmax_matches_the_attention_lines(seed, heads, s, past, diviso
     assert_f32(ours)
     np.testing.assert_allclose(ours, ref, rtol=(past + s + 4) * EPS, atol=1e-38)
 
+
+
+def test_masked_softmax_propagates_nan_and_inf_as_numpy_does():
+    """A nan score, or one that overflowed to +inf, makes its row nan in the twin (max and exp of inf - inf); the
+    Numba kernel's clamp and running max must not hide it."""
+    scores = np.float32([[[[1, np.nan, 2, 3], [1, 2, np.inf, 3], [1, 2, 3, 4]]]])
+    mask = np.zeros((1, 1, 3, 4), np.float32)
+    with np.errstate(invalid="ignore"):
+        ref = ops.softmax(np.maximum(scores / np.float32(2) + mask, ops.mask_min(np.float32)))
+        ours = k.masked_softmax_(scores.copy(), mask, 2.0)
+    assert np.isnan(ours[0, 0, :2]).all() and np.isnan(ref[0, 0, :2]).all()
+    np.testing.assert_allclose(ours[0, 0, 2], ref[0, 0, 2], rtol=8 * EPS)
 
 # --- sampling -----------------------------------------------------------------------------------------------------
 
