@@ -273,16 +273,46 @@ def _dot4(w0, w1, w2, w3, x):
 
 @njit(parallel=True, fastmath=FASTMATH)
 def _linear_f32(x, w, bias, act, epilogue, out):
-    """out[m, o] <- epilogue(x[m] . w[o] + b[o]) for a few rows m: each weight row is read from memory once."""
+    """out[m, o] <- epilogue(x[m] . w[o] + b[o]) for a few rows m: each weight row is read from memory once.
+
+    One parallel loop per kind of epilogue, each writing its outputs directly: the shared _finish_task dispatch
+    (as the int8 and half kernels use) streamed ~5% slower here, bench machine, 110M decode weights.
+    """
     O = out.shape[1]
-    gated = epilogue == GATED
-    q = _task_stride(O, gated)
+    M = x.shape[0]
+    has_bias = bias.shape[0] > 0
+    if epilogue == GATED:  # rows r0, r1 of the gate, u0, u1 the matching rows of up (F = O further on)
+        q = _task_stride(O, True)
+        for task in prange(q):
+            t = np.int64(task)
+            r0, r1, u0, u1 = _task_rows(t, q, O, True)
+            for m in range(M):
+                g0, g1, a0, a1 = _dot4(w[r0], w[r1], w[u0], w[u1], x[m])
+                if has_bias:
+                    g0, g1, a0, a1 = g0 + bias[r0], g1 + bias[r1], a0 + bias[u0], a1 + bias[u1]
+                out[m, t] = _act(g0, act) * a0
+                if t + q < O:
+                    out[m, t + q] = _act(g1, act) * a1
+        return
+    q = _task_stride(O, False)
     for task in prange(q):
         t = np.int64(task)
-        r0, r1, r2, r3 = _task_rows(t, q, O, gated)
-        for m in range(x.shape[0]):
+        r0, r1, r2, r3 = _task_rows(t, q, O, False)
+        for m in range(M):
             a0, a1, a2, a3 = _dot4(w[r0], w[r1], w[r2], w[r3], x[m])
-            _finish_task(out, m, t, q, a0, a1, a2, a3, bias, r0, r1, r2, r3, act, epilogue)
+            if has_bias:
+                a0, a1, a2, a3 = a0 + bias[r0], a1 + bias[r1], a2 + bias[r2], a3 + bias[r3]
+            if epilogue == ACT:
+                a0, a1, a2, a3 = _act(a0, act), _act(a1, act), _act(a2, act), _act(a3, act)
+            if epilogue == ADD:  # x += y: the residual add
+                a0, a1, a2, a3 = out[m, t] + a0, out[m, r1] + a1, out[m, r2] + a2, out[m, r3] + a3
+            out[m, t] = a0  # rows past O were clamped to O - 1: only the task that owns a row writes it
+            if t + q < O:
+                out[m, t + q] = a1
+            if t + 2 * q < O:
+                out[m, t + 2 * q] = a2
+            if t + 3 * q < O:
+                out[m, t + 3 * q] = a3
 
 
 # --- rotary position embedding -------------------------------------------------------------------------------------
