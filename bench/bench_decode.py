@@ -8,8 +8,11 @@ only: llama.cpp has no OPT; when llama_cpp imports). Every row runs the same ran
 writes into a temporary folder (config.json + model.safetensors, and a GGUF for llama.cpp): the stories15M and
 stories110M Llama shapes and the OPT-125m shape, weights ~ N(0, 0.02), norms 1. Nothing large is kept.
 
-Each engine runs in its own process, so peak RSS (VmHWM) is that engine's. Warm-up (one pp, 8 tg steps, Numba's
-compile) is excluded; each figure is the median of --runs runs. Definitions:
+Each engine runs in its own process, so peak RSS (VmHWM) is that engine's. All of a model's engines are loaded at
+once and timed in --runs rounds, one pp and one tg run per engine a round (after a pause and an untimed pp), the order
+rotated each round: a slow spell of the (shared, noisy) machine falls on every engine alike, not on whichever ran
+during it.
+Warm-up (one pp, 8 tg steps, Numba's compile) is excluded; each figure is the median of the runs. Definitions:
   pp128  one forward of 128 prompt tokens up to the next-token logits, as the engine's generate does it (Llama: last
          position only; OPT: transformers and refimpl compute the logits of all 128 positions, accel the last only)
   tg64   64 single-token forwards with a KV cache that starts empty, greedy argmax between them
@@ -272,10 +275,24 @@ def worker(engine, folder, gguf_path, threads, runs, cache_dir):
     pp()
     tg(8)
     result["warmup_s"] = time.perf_counter() - start
-    result["pp"] = median_rate(pp, PP, runs)
-    result["tg"] = median_rate(tg, TG, max(3, runs // 2 + 1))
-    result["rss_mb"] = peak_rss_mb()
-    print(json.dumps(result))
+    if runs > 0:  # stand-alone: measure here (used for the one-off conversion run)
+        result["pp"] = median_rate(pp, PP, runs)
+        result["tg"] = median_rate(tg, TG, runs)
+        result["rss_mb"] = peak_rss_mb()
+        print(REPLY + json.dumps(result), flush=True)
+        return
+    # served: the parent sends "pp" / "tg" (one timed run each, seconds back) and "done" (peak RSS back), so that
+    # all engines' runs are interleaved round by round and share the machine's slow and fast moments alike
+    print(REPLY + json.dumps(result), flush=True)
+    for line in sys.stdin:
+        command = line.strip()
+        if command == "done":
+            print(REPLY + json.dumps({"rss_mb": peak_rss_mb()}), flush=True)
+            return
+        fn = tg if command == "tg" else pp  # "warm" is an untimed pp
+        start = time.perf_counter()
+        fn()
+        print(REPLY + json.dumps({"seconds": time.perf_counter() - start}), flush=True)
 
 
 def peak_rss_mb():
@@ -288,14 +305,81 @@ def peak_rss_mb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+REPLY = "@@ "  # prefix of the worker's protocol lines (a library may print to stdout too)
+
+
+def _worker_cmd(engine, folder, gguf_path, threads, runs, cache_dir):
+    return [sys.executable, os.path.abspath(__file__), "--worker", engine, folder, gguf_path or "-", str(threads),
+            str(runs), cache_dir]
+
+
 def run_worker(engine, folder, gguf_path, threads, runs, cache_dir, env=None):
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", engine, folder, gguf_path or "-", str(threads),
-           str(runs), cache_dir]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
-    if proc.returncode != 0:
+    """One engine measured stand-alone in its own process (runs > 0): its JSON result, or {"error": ...}."""
+    proc = subprocess.run(_worker_cmd(engine, folder, gguf_path, threads, runs, cache_dir), capture_output=True,
+                          text=True, env=env, cwd=ROOT)
+    replies = [line[len(REPLY):] for line in proc.stdout.splitlines() if line.startswith(REPLY)]
+    if proc.returncode != 0 or not replies:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
         return {"error": " | ".join(tail)[-300:]}
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return json.loads(replies[-1])
+
+
+class Served:
+    """An engine loaded and warmed up in its own process, timing one pp or tg run per request."""
+
+    def __init__(self, engine, folder, gguf_path, threads, cache_dir, env=None):
+        self.proc = subprocess.Popen(_worker_cmd(engine, folder, gguf_path, threads, 0, cache_dir), text=True,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+                                     cwd=ROOT)
+        self.result = self._reply()
+        self.times = {"pp": [], "tg": []}
+
+    def _reply(self):
+        for line in self.proc.stdout:
+            if line.startswith(REPLY):
+                return json.loads(line[len(REPLY):])
+        tail = self.proc.stderr.read().strip().splitlines()[-3:]
+        self.proc.wait()
+        return {"error": " | ".join(tail)[-300:] or f"worker exited with {self.proc.returncode}"}
+
+    def ok(self):
+        return "error" not in self.result
+
+    def time(self, what):
+        self.proc.stdin.write(what + "\n")
+        self.proc.stdin.flush()
+        reply = self._reply()
+        if "error" in reply:
+            self.result = reply
+        elif what in self.times:
+            self.times[what].append(reply["seconds"])
+
+    def finish(self):
+        """The result row: load and warm-up seconds, median tok/s of the pp and tg runs, peak RSS."""
+        if self.ok():
+            self.proc.stdin.write("done\n")
+            self.proc.stdin.flush()
+            reply = self._reply()
+            self.result.update(reply)
+            if "error" not in reply:
+                self.result["pp"] = PP / statistics.median(self.times["pp"])
+                self.result["tg"] = TG / statistics.median(self.times["tg"])
+        self.proc.kill()
+        self.proc.wait()
+        return self.result
+
+
+def interleaved(served, runs):
+    """runs rounds; in each, every engine times one pp and one tg, in an order rotated round by round."""
+    names = list(served)
+    for round_index in range(runs):
+        shift = round_index % len(names)
+        for name in names[shift:] + names[:shift]:
+            if served[name].ok():
+                time.sleep(0.5)  # the previous engine's idle threads stop spinning (OpenBLAS, OpenMP block times)
+                served[name].time("warm")  # an untimed pp: caches and thread pools as a back-to-back run finds them
+                served[name].time("pp")
+                served[name].time("tg")
 
 
 # --- compile cost and quality ---------------------------------------------------------------------------------------
@@ -407,6 +491,7 @@ def main():
         for name in args.models.split(","):
             qtypes = [e.split("-")[1].upper() for e in engines if e.startswith("llamacpp")]
             folder, ggufs = make_model(name, root, qtypes if have["llamacpp"] else [])
+            served = {}
             for engine in engines:
                 family = engine.split("-")[0]
                 if family in have and not have[family]:
@@ -418,7 +503,10 @@ def main():
                     run_worker(engine, folder, None, args.threads, 1, cache_dir)
                 qtype = engine.split("-")[1].upper() if family == "llamacpp" else None
                 env = dict(os.environ, REFIMPL_BLAS="numpy") if engine.endswith("-npblas") else None
-                result = run_worker(engine, folder, ggufs.get(qtype), args.threads, args.runs, cache_dir, env)
+                served[engine] = Served(engine, folder, ggufs.get(qtype), args.threads, cache_dir, env)
+            interleaved(served, args.runs)
+            for engine, worker_process in served.items():
+                result = worker_process.finish()
                 rows.append((name, engine, result))
                 print(f"  {name:10s} {engine:14s} {json.dumps(result)}", file=sys.stderr, flush=True)
             if not args.no_compile and name == args.models.split(",")[0]:
