@@ -10,6 +10,7 @@ losses and outputs are refimpl's own code. Three things change:
              projections' epilogues;
   the cache  past_key_values is a kv_cache.KVCache: new keys and values are written into preallocated storage.
 One new position per row (decoding) uses the online-softmax kernel over the cache; several (a prompt) use BLAS.
+A decode forward of a few rows that records nothing per layer runs all its layers in one compiled call (accel.fused).
 Shapes: B batch, S new tokens, M = B*S rows, T cached, K = T + S keys, D hidden, H heads, Hkv kv heads,
 R = H / Hkv, NH = H + 2 Hkv, Dh head dim, F intermediate, V vocab.
 """
@@ -25,7 +26,7 @@ from refimpl.ops import causal_mask, linear as ref_linear
 from refimpl.outputs import ModelOutput
 from refimpl.trace import NO_TRACE
 
-from . import blas, jit
+from . import blas, fused, jit
 from .kernels_cpu import (ACT, ACT_CODES, ADD, F32_MIN, GATED, STORE, apply_rotary_, decode_step_, layer_norm,
                           _rms_norm_rows, masked_softmax_, rms_norm)
 from .kv_cache import KVCache, storage_for
@@ -81,6 +82,22 @@ def attention_plan(mask2d, T, S, general):
     return "general", causal_mask(mask2d, T, F32)  # [B, 1, S, K]
 
 
+FUSED_DECODE = True  # False: decode through the per-layer loops below too (tests compare the two)
+
+
+def fused_stack(params, family, plan, rows, unfused_steps, tp=False):
+    """accel.fused's per-layer lists when this forward can run its layers in one fused call (the "decode" plan,
+    few rows, nothing recorded between layers: unfused_steps False), else None (the per-layer loop)."""
+    if not FUSED_DECODE or plan[0] != "decode" or unfused_steps or not fused.fits(rows):
+        return None
+    return fused.stack_for(params, family, tp)
+
+
+def decode_bias(plan, B):
+    """The decode plan's mask bias [B, K], or [B, 0] for none (what kernels_cpu.decode_step_ passes)."""
+    return np.zeros((B, 0), F32) if plan[1] is None else plan[1]
+
+
 # --- Llama and Open-Llama -----------------------------------------------------------------------------------------
 
 def llama_model(params, cfg, rope_state, input_ids=None, inputs_embeds=None, attention_mask=None, position_ids=None,
@@ -111,11 +128,14 @@ def llama_model(params, cfg, rope_state, input_ids=None, inputs_embeds=None, att
     tp = cfg.pretraining_tp > 1  # refimpl's linear_tp path adds no o_proj / down_proj bias
     eps = float(cfg.rms_norm_eps)
 
+    stack = fused_stack(params, "llama", plan, B, want_hidden, tp=tp)
+    if stack is not None:  # one new position per row: all layers in one compiled call, the loop below skipped
+        fused.llama_decode_stack(x, stack, H, Hkv, eps, act, cos, sin, storage.data, T, decode_bias(plan, B), divisor)
     h = np.empty((B * S, D), F32)
     qkv = np.empty((B * S, (H + 2 * Hkv) * Dh), F32)
     gated = np.empty((B * S, cfg.intermediate_size), F32)
     hidden_states, attentions = [], []
-    for i, layer in enumerate(params["layers"]):
+    for i, layer in enumerate(params["layers"] if stack is None else []):
         if want_hidden:
             hidden_states.append(x.reshape(B, S, D).copy())
         _rms_norm_rows(x, layer["input_layernorm"], eps, h)  # kernels_cpu.rms_norm without its wrapper
@@ -174,10 +194,13 @@ def opt_model(params, cfg, input_ids=None, inputs_embeds=None, attention_mask=No
     act = ACT_CODES[cfg.activation_function]
     q_scale = F32(Dh ** -0.5)
 
+    stack = fused_stack(params, "opt", plan, B, want_hidden or not pre)
+    if stack is not None:  # one new position per row, pre-LN: all layers in one compiled call, the loop skipped
+        fused.opt_decode_stack(x, stack, H, q_scale, act, storage.data, T, decode_bias(plan, B))
     qkv = np.empty((B * S, 3 * D), F32)
     ffn = np.empty((B * S, cfg.ffn_dim), F32)
     hidden_states, attentions = [], []
-    for i, layer in enumerate(params["layers"]):
+    for i, layer in enumerate(params["layers"] if stack is None else []):
         if want_hidden:
             hidden_states.append(x.reshape(B, S, D).copy())
         ln1 = (layer.get("self_attn_layer_norm"), layer.get("self_attn_layer_norm_bias"))
