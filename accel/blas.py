@@ -89,7 +89,7 @@ def _load():
     except (OSError, AttributeError) as exc:
         _state["reason"] = f"{path}: {exc}"
         return None
-    _state["lib"] = lib
+    _state["lib"], _state["layer"] = lib, layer
     _state["reason"] = f"MKL ({os.path.basename(path)}, {'GNU' if layer == _LAYER_GNU else 'Intel'} OpenMP)"
     return lib
 
@@ -98,6 +98,14 @@ def provider():
     """Which library computes accel's prompt products: "mkl" or "numpy", and why (for inspect and bench)."""
     lib = _load()
     return ("mkl" if lib is not None else "numpy"), _state["reason"]
+
+
+def shares_numba_threads():
+    """Whether the prompt products' BLAS runs on the OpenMP threads Numba's kernels use (MKL on GNU OpenMP): then
+    a Numba parallel region between two products reuses the same warm threads; with NumPy's OpenBLAS (threads of
+    its own, spinning after each product) it would fight them, so the kernels between products stay serial."""
+    lib = _load()
+    return lib is not None and _state.get("layer") == _LAYER_GNU
 
 
 def set_threads(n):

@@ -386,15 +386,27 @@ def _masked_softmax(scores, mask, divisor):
             _softmax_row_(scores[b, h, s], mask[b, 0, s], divisor)
 
 
-def masked_softmax_(scores, mask, divisor):
+@njit()
+def _masked_softmax_serial(scores, mask, divisor):
+    """_masked_softmax on the calling thread only."""
+    for b in range(scores.shape[0]):
+        for h in range(scores.shape[1]):
+            for s in range(scores.shape[2]):
+                _softmax_row_(scores[b, h, s], mask[b, 0, s], divisor)
+
+
+def masked_softmax_(scores, mask, divisor, parallel=True):
     """probs = softmax(max(scores / divisor + mask, finfo.min)), in place on scores [B, H, S, K] (mask [B, 1, S, K]).
 
     twin: the scores -> probs lines of refimpl.llama.attention (divisor sqrt(Dh); OPT passes 1, its q is scaled)
     and refimpl.ops.softmax. Scores are clamped at finfo.min as Open-Llama and OPT do; for Llama the clamp
     changes nothing unless a score overflows to -inf. One pass per row over what NumPy does in eight, with the
-    vectorised _exp (on the 110M shape, a 128-token prompt: ~0.9 ms a layer in NumPy).
+    vectorised _exp (on the 110M shape, a 128-token prompt: ~0.9 ms a layer in NumPy). parallel=False keeps to
+    the calling thread: between products of a BLAS with its own spinning threads (OpenBLAS), a Numba parallel
+    region fights them (accel.blas.shares_numba_threads says when it does not).
     """
-    _masked_softmax(scores, np.ascontiguousarray(mask, dtype=np.float32), np.float32(divisor))
+    kernel = _masked_softmax if parallel else _masked_softmax_serial
+    kernel(scores, np.ascontiguousarray(mask, dtype=np.float32), np.float32(divisor))
     return scores
 
 

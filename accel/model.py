@@ -64,7 +64,7 @@ def attention(qkv4, H, Hkv, storage, layer_index, T, plan, divisor, cos=None, si
     G = B * Hkv
     scores = blas.matmul_batched(q.reshape(G, R * S, Dh), keys.reshape(G, K, Dh), np.empty((G, R * S, K), F32),
                                  transpose_b=True).reshape(B, H, S, K)
-    probs = masked_softmax_(scores, plan[1], divisor)  # [B, H, S, K]
+    probs = masked_softmax_(scores, plan[1], divisor, blas.shares_numba_threads())  # [B, H, S, K]
     if layer_head_mask is not None:
         probs = probs * layer_head_mask[None, :, None, None]  # OPT's head_mask scales each head's probabilities
     context = blas.matmul_batched(np.ascontiguousarray(probs).reshape(G, R * S, K), values.reshape(G, K, Dh),
