@@ -128,14 +128,16 @@ def llama_model(params, cfg, rope_state, input_ids=None, inputs_embeds=None, att
     tp = cfg.pretraining_tp > 1  # refimpl's linear_tp path adds no o_proj / down_proj bias
     eps = float(cfg.rms_norm_eps)
 
+    layers = params["layers"]
     stack = fused_stack(params, "llama", plan, B, want_hidden, tp=tp)
-    if stack is not None:  # one new position per row: all layers in one compiled call, the loop below skipped
+    if stack is not None:  # one new position per row: all layers in one compiled call
         fused.llama_decode_stack(x, stack, H, Hkv, eps, act, cos, sin, storage.data, T, decode_bias(plan, B), divisor)
+        layers = []  # done: the loop below has nothing left to run
     h = np.empty((B * S, D), F32)
     qkv = np.empty((B * S, (H + 2 * Hkv) * Dh), F32)
     gated = np.empty((B * S, cfg.intermediate_size), F32)
     hidden_states, attentions = [], []
-    for i, layer in enumerate(params["layers"] if stack is None else []):
+    for i, layer in enumerate(layers):
         if want_hidden:
             hidden_states.append(x.reshape(B, S, D).copy())
         _rms_norm_rows(x, layer["input_layernorm"], eps, h)  # kernels_cpu.rms_norm without its wrapper
@@ -194,13 +196,15 @@ def opt_model(params, cfg, input_ids=None, inputs_embeds=None, attention_mask=No
     act = ACT_CODES[cfg.activation_function]
     q_scale = F32(Dh ** -0.5)
 
+    layers = params["layers"]
     stack = fused_stack(params, "opt", plan, B, want_hidden or not pre)
-    if stack is not None:  # one new position per row, pre-LN: all layers in one compiled call, the loop skipped
+    if stack is not None:  # one new position per row, pre-LN: all layers in one compiled call
         fused.opt_decode_stack(x, stack, H, q_scale, act, storage.data, T, decode_bias(plan, B))
+        layers = []  # done: the loop below has nothing left to run
     qkv = np.empty((B * S, 3 * D), F32)
     ffn = np.empty((B * S, cfg.ffn_dim), F32)
     hidden_states, attentions = [], []
-    for i, layer in enumerate(params["layers"] if stack is None else []):
+    for i, layer in enumerate(layers):
         if want_hidden:
             hidden_states.append(x.reshape(B, S, D).copy())
         ln1 = (layer.get("self_attn_layer_norm"), layer.get("self_attn_layer_norm_bias"))
