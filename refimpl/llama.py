@@ -27,7 +27,8 @@ def linear_tp(x, weight, tp):
     """sum_i x_i W_i^T over tp slices of the input features: pretraining_tp's chunked sum (modeling_llama.py:387-390)."""
     if tp == 1:
         return linear(x, weight)
-    parts = [linear(xi, wi) for xi, wi in zip(np.split(x, tp, axis=-1), np.split(weight, tp, axis=1))]
+    n = weight.shape[1] // tp
+    parts = [linear(xi, weight[:, i * n:(i + 1) * n]) for i, xi in enumerate(np.split(x, tp, axis=-1))]
     y = parts[0]
     for part in parts[1:]:
         y = y + part  # summed in order, as Python's sum() does in transformers

@@ -14,7 +14,8 @@ import numpy as np
 
 from .errors import CheckpointError, ConfigError, InputError
 from .inputs import integer_array
-from .weights import HEADS, parameter_dtype, read_checkpoint, read_model_config, rename, take
+from .stored import StoredMatrix, tile_rows
+from .weights import HEADS, convert_weights, list_checkpoint, parameter_dtype, read_model_config, rename, take
 
 SUPPORTED_DTYPES = (np.float32, np.float64)
 
@@ -50,21 +51,25 @@ class PreTrainedModel:
     def from_pretrained(cls, path, dtype=np.float32, weights_dtype=None):
         """A checkpoint folder (or .gguf file) -> this class, computing in `dtype`.
 
-        weights_dtype=None converts the weights to `dtype`; "stored" keeps the file's precision (fp16 stays fp16 and
-        memory-mapped, widened per product); float16/float32/float64 converts to that.
+        weights_dtype=None (or "stored") keeps each matrix where and as the file stores it (memory-mapped fp16,
+        bf16, fp32, GGUF blocks), widened to `dtype` tile by tile in each product (refimpl.stored): memory stays
+        O(one tile) above the activations whatever the model's size. float16/float32/float64 converts every matrix
+        at load instead (the whole model in memory).
         """
         dtype = compute_dtype(dtype)
-        wdtype = parameter_dtype(dtype, weights_dtype)
+        convert = parameter_dtype(dtype, weights_dtype)
         config = read_model_config(path)
         if config.family != cls.family:
             raise ConfigError(f"{path}: config.json model_type is {config.family!r}, not {cls.model_type!r}: "
                               f"use refimpl.load(path) or the {config.family} class")
-        tensors = read_checkpoint(path)
+        stored = list_checkpoint(path)  # {name: Stored}: headers only, no tensor read yet
         family = "opt" if config.family == "opt" else "llama"
-        top, layers = rename(tensors, family, config.num_hidden_layers)
-        params = cls._parameters(config, top, layers, wdtype)
-        params.update(cls._head_parameters(config, top, params, wdtype))
+        top, layers = rename(stored, family, config.num_hidden_layers)
+        params = cls._parameters(config, top, layers, dtype)
+        params.update(cls._head_parameters(config, top, params, dtype))
         _check_all_used(top, layers)
+        if convert is not None:
+            params = convert_weights(params, convert)
         model = cls(config, params, dtype)
         model.generation_config = read_generation_config(path, config)
         return model
@@ -78,8 +83,8 @@ class PreTrainedModel:
                 return {}  # Open-Llama: logits from embed_tokens itself, no lm_head at all
             if cfg.tie_word_embeddings:
                 if "lm_head" in top:
-                    stored = top.pop("lm_head")
-                    if stored.shape != params["embed_tokens"].shape or not np.array_equal(stored, params["embed_tokens"]):
+                    lm_head = take(top, "lm_head", params["embed_tokens"].shape, dtype)
+                    if not same_values(lm_head, params["embed_tokens"]):
                         raise CheckpointError("checkpoint has an lm_head.weight that differs from embed_tokens.weight, "
                                               "but config.json says tie_word_embeddings=true")
                 return {"lm_head": params["embed_tokens"]}
@@ -140,6 +145,18 @@ def read_generation_config(path, config):
     if not isinstance(values, dict):
         raise ConfigError(f"{file}: expected a JSON object")
     return values
+
+
+def same_values(a, b) -> bool:
+    """Two matrices of one shape (arrays or StoredMatrix) hold the same values, compared one tile at a time."""
+    step = tile_rows(a.shape)
+    for start in range(0, a.shape[0], step):
+        stop = min(start + step, a.shape[0])
+        tile = np.array(a.widen(start, stop) if isinstance(a, StoredMatrix) else a[start:stop])  # a copy: b reuses
+        other = b.widen(start, stop) if isinstance(b, StoredMatrix) else b[start:stop]  # the same tile buffer
+        if not np.array_equal(tile, other):
+            return False
+    return True
 
 
 def _check_all_used(top, layers):

@@ -20,6 +20,7 @@ from .formats.common import Stored, human_bytes, report, show_progress
 from .formats.gguf import read_gguf_file
 from .formats.safetensors import list_safetensors
 from .formats.torch_bin import list_torch_bin
+from .stored import StoredMatrix
 
 
 def list_gguf(path: str) -> dict[str, Stored]:
@@ -191,12 +192,10 @@ def read_model_config(path):
 
 
 def parameter_dtype(dtype, weights_dtype=None):
-    """The dtype `take` gives parameters. weights_dtype=None: the compute dtype (the default). "stored": the file's
-    own precision (fp16 stays fp16 and memory-mapped, half the memory; BF16 is float32, as NumPy has no bfloat16).
-    A NumPy float dtype: that dtype."""
-    if weights_dtype is None:
-        return dtype
-    if isinstance(weights_dtype, str) and weights_dtype == "stored":
+    """What load does with the matrices. weights_dtype=None or "stored" (the default): keep them as the file stores
+    them, widened per product (-> None). A NumPy float dtype: convert every matrix to it at load (-> that dtype;
+    the whole model in memory, as refimpl did before it kept weights stored)."""
+    if weights_dtype is None or (isinstance(weights_dtype, str) and weights_dtype == "stored"):
         return None
     try:
         scalar = np.dtype(weights_dtype).type
@@ -239,15 +238,54 @@ def rename(tensors: dict, family: str, num_layers: int) -> tuple[dict, list[dict
     return top, layers
 
 
+FLOAT_STORAGE = ("F16", "BF16", "F32", "F64")  # plus every quantized GGUF type, which dequantizes to float32
+NON_FLOAT_STORAGE = ("I64", "I32", "I16", "I8", "U8", "BOOL")
+NO_COPY = {("F32", np.float32), ("F64", np.float64)}  # stored dtype == compute dtype: the memory map is the parameter
+
+
 def take(store: dict, name: str, shape: tuple, dtype, where: str = ""):
-    """store[name] checked against shape and cast to `dtype` (no copy when it already matches; None keeps the
-    stored dtype, see parameter_dtype)."""
+    """store[name] (a Stored record) checked against shape -> the parameter computing in `dtype`.
+
+    Vectors (norms, biases) are read into `dtype` now; they are a few KB. Matrices stay where the file keeps them:
+    the memory map itself when its dtype is the compute dtype, else a StoredMatrix that widens per product.
+    """
     if name not in store:
         raise CheckpointError(f"checkpoint is missing the tensor {where}{name} (expected shape {list(shape)})")
-    array = store.pop(name)
-    if tuple(array.shape) != tuple(shape):
-        raise CheckpointError(f"checkpoint tensor {where}{name} has shape {list(array.shape)}, "
+    stored = store.pop(name)
+    if tuple(stored.shape) != tuple(shape):
+        raise CheckpointError(f"checkpoint tensor {where}{name} has shape {list(stored.shape)}, "
                               f"the config implies {list(shape)}")
-    if not np.issubdtype(array.dtype, np.floating):
-        raise CheckpointError(f"checkpoint tensor {where}{name} has dtype {array.dtype}, expected a float type")
-    return np.asarray(array, dtype=dtype)
+    if stored.dtype in NON_FLOAT_STORAGE:
+        raise CheckpointError(f"checkpoint tensor {where}{name} has dtype {stored.dtype}, expected a float type")
+    if len(shape) != 2 or stored.rows is None:
+        return np.asarray(stored.load(), dtype=dtype)
+    if (stored.dtype, np.dtype(dtype).type) in NO_COPY:
+        return stored.load()
+    return StoredMatrix(stored.rows, shape, stored.dtype, dtype, f"{where}{name}")
+
+
+def convert_weights(params: dict, weights_dtype) -> dict:
+    """Every StoredMatrix of a parameter tree converted at load to weights_dtype (the weights_dtype=float16/32/64
+    option): an in-memory array when that is the compute dtype, else an in-memory StoredMatrix widened per product."""
+    def convert(value):
+        if isinstance(value, StoredMatrix):
+            array = np.asarray(value).astype(weights_dtype, copy=False)
+            if array.dtype == value.dtype:
+                return array
+            return StoredMatrix(lambda a, b: array[a:b], value.shape, array.dtype.name, value.dtype, value.name)
+        if isinstance(value, np.ndarray) and value.ndim == 2 and value.dtype != weights_dtype:
+            array = value.astype(weights_dtype)
+            return StoredMatrix(lambda a, b: array[a:b], value.shape, array.dtype.name, value.dtype) \
+                if array.dtype != value.dtype else array
+        return value
+
+    done = {}  # tied embeddings stay one object
+    out = {}
+    for key, value in params.items():
+        if key == "layers":
+            out[key] = [{k: convert(v) for k, v in layer.items()} for layer in value]
+        else:
+            if id(value) not in done:
+                done[id(value)] = convert(value)
+            out[key] = done[id(value)]
+    return out

@@ -23,6 +23,7 @@ import checkpoint_files as cf
 import refimpl
 from golden_cases import GOLDEN, load_case, replay
 from refimpl import CheckpointError
+from refimpl.stored import StoredMatrix
 from refimpl.weights import (list_checkpoint, parameter_dtype, read_checkpoint, read_gguf, read_model_config,
                              rename, take)
 
@@ -93,15 +94,20 @@ def test_half_precision_safetensors(case, kind, tmp_path):
 
 
 @pytest.mark.parametrize("case", ["llama_gqa_bias", "openllama_default", "opt_350m_like"])
-def test_fp16_kept_as_stored_computes_the_same_as_converted(case, tmp_path):
-    """weights_dtype="stored": parameters stay fp16 (half the memory) and are widened exactly in each product,
-    so every output equals the converted load bit for bit, and outputs keep the compute dtype."""
-    folder = cf.safetensors_variant(case, tmp_path, "fp16")
-    kept = refimpl.load(folder, weights_dtype="stored")
-    assert kept.params["layers"][0]["q_proj"].dtype == np.float16
-    assert kept.params["embed_tokens"].dtype == np.float16
+@pytest.mark.parametrize("kind", ["fp16", "bf16"])
+def test_half_precision_kept_as_stored_computes_the_same_as_converted(case, kind, tmp_path):
+    """The default keeps fp16 / bf16 matrices as the file stores them (memory-mapped) and widens them exactly in each
+    product, so every output equals a load that converts to float32 (weights_dtype=np.float32) bit for bit, and
+    outputs keep the compute dtype."""
+    folder = cf.safetensors_variant(case, tmp_path, kind)
+    kept = refimpl.load(folder)
+    q = kept.params["layers"][0]["q_proj"]
+    assert isinstance(q, StoredMatrix) and q.stored_dtype == {"fp16": "F16", "bf16": "BF16"}[kind] and q.dtype == np.float32
+    assert isinstance(kept.params["embed_tokens"], StoredMatrix)
+    converted = refimpl.load(folder, weights_dtype=np.float32)
+    assert isinstance(converted.params["layers"][0]["q_proj"], np.ndarray)
     replayed = outputs(case, kept)
-    assert_same_outputs(case, replayed, outputs(case, refimpl.load(folder)))
+    assert_same_outputs(case, replayed, outputs(case, converted))
     assert all(ours.dtype == np.float32 for _, ours in replayed.values() if ours.dtype.kind == "f")
 
 
@@ -206,12 +212,13 @@ def test_gguf_refuses_what_it_cannot_map_back(gguf, tmp_path):
 
 def test_weights_kept_in_stored_precision_stay_memory_mapped(tmp_path):
     folder = cf.safetensors_variant("llama_mha", tmp_path, "fp16")
-    tensors = read_checkpoint(folder)
-    top, layers = rename(tensors, "llama", 2)
-    q = take(layers[0], "q_proj", (64, 64), parameter_dtype(np.float32, "stored"))
-    assert q.dtype == np.float16 and not q.flags.owndata and not q.flags.writeable  # a view of the file
-    assert take(top, "norm", (64,), parameter_dtype(np.float32)).dtype == np.float32  # None: the compute dtype
+    top, layers = rename(list_checkpoint(folder), "llama", 2)
+    q = take(layers[0], "q_proj", (64, 64), np.float32)
+    stored = q.rows(0, 64)
+    assert stored.dtype == np.float16 and not stored.flags.owndata and not stored.flags.writeable  # a view of the file
+    assert take(top, "norm", (64,), np.float32).dtype == np.float32  # vectors are read into the compute dtype
     assert parameter_dtype(np.float64, np.float16) is np.float16
+    assert parameter_dtype(np.float32, None) is None and parameter_dtype(np.float32, "stored") is None
     with pytest.raises(refimpl.ConfigError, match="weights_dtype"):
         parameter_dtype(np.float32, "int8")
 

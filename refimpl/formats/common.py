@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import sys
-from typing import Callable, NamedTuple
+from typing import Callable, NamedTuple, Optional
 
 import numpy as np
 
@@ -23,6 +23,9 @@ class Stored(NamedTuple):
     shape: tuple  # NumPy (row-major) order, as the model uses it
     nbytes: int  # bytes it occupies in the file
     load: Callable[[], np.ndarray]  # -> read-only values: memory-mapped where the dtype allows, BF16 widened
+    # (start, stop) -> rows [start, stop) as stored, no widening: F16/F32/F64 values (memory-mapped views), BF16 as
+    # uint16 bits, quantized blocks dequantized to float32. What refimpl.stored.StoredMatrix reads tile by tile.
+    rows: Optional[Callable[[int, int], np.ndarray]] = None
 
 
 def bf16_to_f32(bits: np.ndarray) -> np.ndarray:

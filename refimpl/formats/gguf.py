@@ -167,17 +167,28 @@ def _stored(path, gguf, tensor, heads) -> Stored:
     shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))  # ggml lists dims fastest first
     data, qtype = tensor.data, tensor.tensor_type
 
-    def load():
+    def values(block, rows):
         if kind in DIRECT:
-            values = data.reshape(shape)
-        else:
-            try:
-                values = gguf.quants.dequantize(data, qtype).reshape(shape)
-            except Exception as exc:  # NotImplementedError for a type gguf cannot dequantize, ValueError for junk
-                raise CheckpointError(f"{path}: cannot dequantize {tensor.name} ({kind}): {str(exc)[:120]}") from None
-        return values if heads is None else unpermute(path, tensor.name, values, heads)
+            return block.reshape(rows)
+        try:
+            return gguf.quants.dequantize(block, qtype).reshape(rows)
+        except Exception as exc:  # NotImplementedError for a type gguf cannot dequantize, ValueError for junk
+            raise CheckpointError(f"{path}: cannot dequantize {tensor.name} ({kind}): {str(exc)[:120]}") from None
 
-    return Stored(kind, shape, int(tensor.n_bytes), load)
+    def load():
+        full = values(data, shape)
+        return full if heads is None else unpermute(path, tensor.name, full, heads)
+
+    order = None  # for q/k: the stored row of each transformers row, so a tile is un-permuted as it is gathered
+
+    def rows(start, stop):
+        nonlocal order
+        if heads is not None and order is None:
+            order = unpermute(path, tensor.name, np.arange(shape[0]), heads)
+        block = data[start:stop] if order is None else data[order[start:stop]]
+        return values(block, (stop - start, *shape[1:]))
+
+    return Stored(kind, shape, int(tensor.n_bytes), load, rows)
 
 
 def unpermute(path: str, name: str, w: np.ndarray, n_head: int) -> np.ndarray:

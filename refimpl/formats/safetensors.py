@@ -27,7 +27,7 @@ def list_safetensors(path: str) -> dict[str, Stored]:
     entries = {name: _entry(path, name, info) for name, info in header.items()}
     _check_tiling(path, entries, size - data_start)
     buffer = np.memmap(path, dtype=np.uint8, mode="r")  # read-only: pages are read when a tensor is used
-    return {name: Stored(dtype, shape, end - begin, _loader(buffer[data_start + begin: data_start + end], dtype, shape))
+    return {name: _stored(buffer[data_start + begin: data_start + end], dtype, shape, end - begin)
             for name, (dtype, shape, begin, end) in entries.items()}
 
 
@@ -103,8 +103,9 @@ def _check_tiling(path: str, entries: dict, data_len: int) -> None:
         raise CheckpointError(f"{path}: {data_len - previous_end} bytes after the last tensor belong to no tensor")
 
 
-def _loader(raw: np.ndarray, dtype: str, shape: tuple):
-    """The values of one tensor: a view of the memory map, or for BF16 an exact float32 copy."""
+def _stored(raw: np.ndarray, dtype: str, shape: tuple, nbytes: int) -> Stored:
+    """One tensor: its values (a view of the memory map, or for BF16 an exact float32 copy) and its stored rows."""
+    stored = raw.view(NUMPY_DTYPES[dtype]).reshape(shape)  # BF16 as uint16 bit patterns
     if dtype == "BF16":
-        return lambda: bf16_to_f32(raw.view(NUMPY_DTYPES["BF16"])).reshape(shape)
-    return lambda: raw.view(NUMPY_DTYPES[dtype]).reshape(shape)
+        return Stored(dtype, shape, nbytes, lambda: bf16_to_f32(stored), lambda a, b: stored[a:b])
+    return Stored(dtype, shape, nbytes, lambda: stored, lambda a, b: stored[a:b])

@@ -65,11 +65,13 @@ def rebuild_tensor(storage, storage_offset, size, stride):
     itemsize = storage.data.itemsize
     shape, strides = tuple(size), tuple(s * itemsize for s in stride)
 
-    def load():
-        view = np.lib.stride_tricks.as_strided(storage.data[storage_offset:], shape, strides, writeable=False)
-        return bf16_to_f32(view) if storage.dtype == "BF16" else view
+    def stored():  # a view of the storage (BF16 as uint16 bits)
+        return np.lib.stride_tricks.as_strided(storage.data[storage_offset:], shape, strides, writeable=False)
 
-    return Stored(storage.dtype, shape, count * itemsize, load)
+    def load():
+        return bf16_to_f32(stored()) if storage.dtype == "BF16" else stored()
+
+    return Stored(storage.dtype, shape, count * itemsize, load, lambda a, b: stored()[a:b])
 
 
 def rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=False, backward_hooks=None, metadata=None):
