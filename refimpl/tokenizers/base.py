@@ -14,6 +14,7 @@ import operator
 import numpy as np
 
 from .added_tokens import SpecialTokens
+from .cleanup import clean_up_tokenization
 from .errors import InputTypeError, InvalidTextError, InvalidTokenIdError, TokenizerUsageError
 from .streaming import StreamDecoder, incomplete_utf8_tail
 
@@ -146,12 +147,11 @@ class Tokenizer:
 
     def _clean_up(self, text: str, clean_up) -> str:
         """clean_up_tokenization (tokenization_utils_base.py:4052-4074): glue punctuation and contractions back."""
-        if not (self.clean_up_tokenization_spaces if clean_up is None else clean_up):
-            return text
-        for before, after in ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"),
-                              (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re")):
-            text = text.replace(before, after)
-        return text
+        return clean_up_tokenization(text) if self._cleans_up(clean_up) else text
+
+    def _cleans_up(self, clean_up) -> bool:
+        """decode's clean_up_tokenization_spaces argument, None meaning the tokenizer's own setting."""
+        return bool(self.clean_up_tokenization_spaces if clean_up is None else clean_up)
 
     # ----------------------------------------------------------------------------------------------------------
     # streaming

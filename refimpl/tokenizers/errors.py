@@ -31,3 +31,7 @@ class TokenizerUsageError(RefimplError):
 
 class InputTypeError(RefimplError, TypeError):
     """Something that is not a string was given as text, or something that is not an int as an id."""
+
+
+class StreamDecodeError(RefimplError):
+    """Streamed text would differ from the full decode. Never expected: it means a bug in the streaming rules."""

@@ -4,15 +4,19 @@ During generation, ids arrive one at a time. Printing decode(new_id) per id is w
 character split over several byte tokens comes out as U+FFFD, and decode is not additive (Llama's
 decoders strip a leading space, legacy Llama decode puts a space before a run that ends in a special
 token). StreamDecoder emits only text that no later id can change, so the pieces it returns, joined,
-always equal tokenizer.decode(all ids) exactly. Each tokenizer says where that is safe (_stream_cut).
+always equal tokenizer.decode(all ids) exactly. Each tokenizer says up to which id that is safe
+(_stream_cut); with clean_up_tokenization_spaces, the cleanup is held back further where a later " n't"
+or " ." could still glue on (cleanup.stable_length). finish() is the full decode.
 It re-decodes the prefix on every push: quadratic, and readable; a reference does not need more.
 """
 
 from __future__ import annotations
 
 import codecs
+import reprlib
 
-from .errors import TokenizerUsageError
+from .cleanup import clean_up_tokenization, stable_length
+from .errors import StreamDecodeError, TokenizerUsageError
 
 
 def incomplete_utf8_tail(data: bytes) -> int:
@@ -37,8 +41,8 @@ class StreamDecoder:
         self.tokenizer = tokenizer
         self.decode_kwargs = decode_kwargs
         self.ids: list[int] = []
-        self._cut = 0  # ids[:_cut] have been emitted as text ...
-        self._text = ""  # ... and this is decode(ids[:_cut])
+        self._cut = 0  # ids[:_cut] have been decoded for emitting ...
+        self._text = ""  # ... and this is the text emitted so far, a prefix of every later decode
         self._finished = False
 
     def push(self, token_id) -> str:
@@ -50,16 +54,31 @@ class StreamDecoder:
         cut = self.tokenizer._stream_cut(self.ids, self.decode_kwargs.get("skip_special_tokens", False))
         if cut <= self._cut:
             return ""
-        return self._advance(cut)
+        self._cut = cut
+        return self._emit(self._stable_text(self.ids[:cut]))
 
     def finish(self) -> str:
-        """The text still held back: bytes of an unfinished character, or text a later special token would change."""
+        """The text still held back: bytes of an unfinished character, text a later special token would change,
+        or a space that cleanup could still remove."""
         self._finished = True
-        return self._advance(len(self.ids))
+        return self._emit(self.tokenizer.decode(self.ids, **self.decode_kwargs))
 
-    def _advance(self, cut: int) -> str:
-        text = self.tokenizer.decode(self.ids[:cut], **self.decode_kwargs)
-        if not text.startswith(self._text):  # _stream_cut promised that this cannot happen
-            raise AssertionError(f"streaming decode of {self.ids[:cut]} changed text already emitted: {self._text!r}")
-        new, self._text, self._cut = text[len(self._text) :], text, cut
+    def _stable_text(self, ids: list[int]) -> str:
+        """decode(ids), cut back where a later cleanup replacement could reach into it (decode(ids) without
+        cleanup starts every later decode without cleanup: _stream_cut chose ids so)."""
+        text = self.tokenizer.decode(ids, **{**self.decode_kwargs, "clean_up_tokenization_spaces": False})
+        if not self.tokenizer._cleans_up(self.decode_kwargs.get("clean_up_tokenization_spaces")):
+            return text
+        return clean_up_tokenization(text[: stable_length(text)])
+
+    def _emit(self, text: str) -> str:
+        """The part of text not emitted yet. text is always an extension of what was emitted, or a prefix of it."""
+        if not text.startswith(self._text):
+            if self._text.startswith(text):
+                return ""  # cut back further than last time: nothing new is final
+            raise StreamDecodeError(
+                f"streaming decode of {reprlib.repr(self.ids)} would change text already emitted "
+                f"({reprlib.repr(self._text)} -> {reprlib.repr(text)}); this is a bug in refimpl, please report it"
+            )
+        new, self._text = text[len(self._text) :], text
         return new

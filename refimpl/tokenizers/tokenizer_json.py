@@ -108,6 +108,7 @@ class LlamaJsonTokenizer(Tokenizer):
             self.normalizers = _read_normalizers(data.get("normalizer"), path)
             self.prepend_scheme = _read_pre_tokenizer(data.get("pre_tokenizer"), path)
             self.decoders = _read_decoders(data.get("decoder"), path)
+            self._decoders_stream = _decoders_stream(self.decoders)
         except (KeyError, TypeError, AttributeError) as e:
             raise TokenizerFileError(f"{path}: malformed normalizer, pre_tokenizer or decoder ({e!r})") from None
         # LlamaTokenizerFast rebuilds the post-processor from add_bos_token/add_eos_token (update_post_processor),
@@ -222,6 +223,8 @@ class LlamaJsonTokenizer(Tokenizer):
     def _stream_cut(self, ids: list[int], skip_special_tokens: bool) -> int:
         """ByteFallback turns a whole run of byte tokens into U+FFFDs if any byte is bad (one per byte), so a
         valid "é" can still become "���" when a third byte arrives: hold back every trailing byte token."""
+        if not self._decoders_stream:
+            return 0  # a whole-text step after Fuse could change text already decoded: all waits for finish()
         cut = len(ids)
         for k in range(len(ids) - 1, -1, -1):
             if skip_special_tokens and ids[k] in self._skipped_ids:
@@ -280,7 +283,7 @@ def _read_decoders(spec, where: Path) -> list:
         elif kind == "ByteFallback":
             out.append((_decode_byte_fallback, ()))
         elif kind == "Fuse":
-            out.append((lambda tokens: ["".join(tokens)], ()))
+            out.append((_decode_fuse, ()))
         elif kind == "Strip":
             out.append((_decode_strip, (step["content"], step.get("start", 0), step.get("stop", 0))))
         else:
@@ -288,6 +291,23 @@ def _read_decoders(spec, where: Path) -> list:
                 f"{where}: decoder {kind!r} is not supported (only Replace with a string, ByteFallback, Fuse, Strip)"
             )
     return out
+
+
+def _decoders_stream(decoders: list) -> bool:
+    """Whether decode(ids) starts decode(ids + more) once trailing byte tokens are held back. Before Fuse every
+    step works per token. After it, on the whole text: Strip and a one-character Replace keep a text's result
+    a prefix of a longer text's result; a longer Replace ("ab" -> "X") or ByteFallback ("<0x4" + "1>") do not."""
+    fused = False
+    for step, args in decoders:
+        if step is _decode_fuse:
+            fused = True
+        elif fused and not (step is _decode_strip or (step is _decode_replace and len(args[0]) == 1)):
+            return False
+    return True
+
+
+def _decode_fuse(tokens: list[str]) -> list[str]:
+    return ["".join(tokens)]
 
 
 def _decode_replace(tokens: list[str], pattern: str, content: str) -> list[str]:
