@@ -120,21 +120,25 @@ def _contiguous_f32(*arrays):
 
 
 def _gemm_ok(x, w, out):
+    """float32 2-D operands BLAS can take: x and w C-contiguous, out row-major with unit column stride (a band of
+    columns of a wider matrix is fine: its row stride becomes ldc)."""
     return (x.dtype == w.dtype == out.dtype == np.float32 and x.ndim == w.ndim == out.ndim == 2
-            and x.flags.c_contiguous and w.flags.c_contiguous and out.flags.c_contiguous
+            and x.flags.c_contiguous and w.flags.c_contiguous and out.strides[1] == 4 and out.strides[0] % 4 == 0
+            and out.strides[0] // 4 >= out.shape[1]
             and x.shape[1] == w.shape[1] and out.shape == (x.shape[0], w.shape[0]) and min(out.shape) > 0
             and x.shape[1] > 0)
 
 
 def matmul_nt(x, w, out):
-    """out [M, O] <- x [M, D] @ w[O, D]^T, float32.  twin: refimpl.ops.linear's `x @ weight.T`"""
+    """out [M, O] <- x [M, D] @ w[O, D]^T, float32; out may be a band of columns of a wider [M, N] matrix.
+    twin: refimpl.ops.linear's `x @ weight.T`"""
     lib = _load()
     if lib is None or not _gemm_ok(x, w, out):
         return np.matmul(x, w.T, out=out)
     M, D = x.shape
     O = w.shape[0]
     lib.cblas_sgemm(_ROW_MAJOR, _NO_TRANS, _TRANS, M, O, D, 1.0, x.ctypes.data, D, w.ctypes.data, D, 0.0,
-                    out.ctypes.data, O)
+                    out.ctypes.data, out.strides[0] // 4)
     return out
 
 

@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 
 import numpy as np
@@ -49,32 +50,51 @@ def _flatten(params):
     return items
 
 
-def save(params, folder):
-    """Write the packed tree into `folder` (atomically: a temporary folder renamed into place)."""
+def save(params, folder, progress=False):
+    """Write a packed tree into `folder` (atomically: a temporary folder renamed into place)."""
+    save_entries(_flatten(params), folder, progress)
+
+
+def save_entries(entries, folder, progress=False):
+    """Write (dotted name, leaf) entries into `folder` one at a time, atomically (a temporary folder renamed into
+    place). `entries` may be a generator that packs each layer only when it is reached (accel.model.iter_packed):
+    then no more than one packed layer is ever in memory, whatever the model's size."""
     parent = os.path.dirname(os.path.abspath(folder))
     os.makedirs(parent, exist_ok=True)
     work = tempfile.mkdtemp(dir=parent, prefix=".converting-")
-    manifest, seen = {"version": LAYOUT_VERSION, "entries": {}}, {}
-    for name, leaf in _flatten(params):
-        if id(leaf) in seen:
-            manifest["entries"][name] = {"same_as": seen[id(leaf)]}
-            continue
-        seen[id(leaf)] = name
-        if isinstance(leaf, Weight):
-            np.save(os.path.join(work, name + ".npy"), leaf.data)
-            entry = {"weight": leaf.format}
-            if leaf.scales is not None:
-                np.save(os.path.join(work, name + ".scales.npy"), leaf.scales)
-        else:
-            np.save(os.path.join(work, name + ".npy"), np.asarray(leaf))
-            entry = {"array": True}
-        manifest["entries"][name] = entry
-    with open(os.path.join(work, "manifest.json"), "w", encoding="utf-8") as f:
-        json.dump(manifest, f)
     try:
+        manifest, seen, layer = {"version": LAYOUT_VERSION, "entries": {}}, {}, None
+        for name, leaf in entries:
+            if progress and name.startswith("layers.") and name.split(".")[1] != layer:
+                layer = name.split(".")[1]
+                print(f"refimpl: converting layer {layer}", file=sys.stderr, flush=True)
+            if id(leaf) in seen:  # a tied lm_head: the embedding's Weight
+                manifest["entries"][name] = {"same_as": seen[id(leaf)][0]}
+                continue
+            if not name.startswith("layers."):  # only top-level entries are ever shared; kept alive so that
+                seen[id(leaf)] = (name, leaf)  # a freed layer's object id cannot be mistaken for one of them
+            manifest["entries"][name] = _save_leaf(work, name, leaf)
+        with open(os.path.join(work, "manifest.json"), "w", encoding="utf-8") as f:
+            json.dump(manifest, f)
         os.rename(work, folder)
-    except OSError:  # another process converted it first
+    except OSError:
         shutil.rmtree(work, ignore_errors=True)
+        if not os.path.exists(os.path.join(folder, "manifest.json")):
+            raise
+        # else another process converted it first
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+
+
+def _save_leaf(work, name, leaf):
+    if isinstance(leaf, Weight):
+        np.save(os.path.join(work, name + ".npy"), leaf.data)
+        if leaf.scales is not None:
+            np.save(os.path.join(work, name + ".scales.npy"), leaf.scales)
+        return {"weight": leaf.format}
+    np.save(os.path.join(work, name + ".npy"), np.asarray(leaf))
+    return {"array": True}
 
 
 def _mapped(file):

@@ -2,13 +2,18 @@
 set the threads."""
 from __future__ import annotations
 
+import os
+import sys
+
 import numpy as np
 
 import refimpl
+from refimpl.formats.common import human_bytes
 from refimpl.pretrained import read_generation_config
+from refimpl.weights import read_model_config
 
 from . import convert, jit
-from .model import ACCEL_CLASSES, pack_llama, pack_opt
+from .model import ACCEL_CLASSES, iter_packed
 
 
 def refimpl_class(config):
@@ -35,21 +40,63 @@ def set_threads(threads):
     threadpool_limits(limits=threads, user_api="blas")
 
 
+IN_MEMORY_LIMIT = 1 << 30  # packed weights up to 1 GiB stay in memory when no cache_dir is given
+BYTES_PER_WEIGHT = {"fp32": 4.0, "fp16": 2.0, "bf16": 2.0, "int8": 1.125}
+
+
+def default_cache_dir():
+    """$REFIMPL_CACHE, else $XDG_CACHE_HOME/refimpl, else ~/.cache/refimpl (transformers users know ~/.cache)."""
+    if os.environ.get("REFIMPL_CACHE"):
+        return os.environ["REFIMPL_CACHE"]
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "refimpl", "accel")
+
+
+def packed_bytes(reference, fmt):
+    """Bytes the packed matrices will take: parameters of the matrices x bytes per weight of the format."""
+    count = 0
+
+    def walk(node):
+        nonlocal count
+        if isinstance(node, dict):
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+        elif getattr(node, "ndim", 0) == 2:
+            count += node.shape[0] * node.shape[1]
+
+    walk(reference.params)
+    return int(count * BYTES_PER_WEIGHT[fmt])
+
+
 def load_model(path, fmt, threads, cache_dir):
-    config = refimpl.read_config(path)
+    """Packed weights from cache_dir when converted before; else refimpl's model (memory-mapped, nothing converted)
+    packed layer by layer: straight into the cache folder when there is one (or when the packed weights exceed
+    IN_MEMORY_LIMIT, into default_cache_dir()), then memory-mapped from it; in memory for small models."""
+    config = read_model_config(path)
     cls = ACCEL_CLASSES[refimpl_class(config)]
     folder = convert.folder_for(cache_dir, path, fmt) if cache_dir is not None else None
     params = convert.load(folder) if folder is not None else None
     if params is not None:
         generation_config = read_generation_config(path, config)
     else:
-        reference = refimpl.load(path, dtype=np.float32)
-        pack = pack_opt if config.family == "opt" else pack_llama
-        params = pack(reference.params, fmt)
+        reference = refimpl.load(path, dtype=np.float32)  # memory-mapped: matrices are widened when packed
         generation_config = reference.generation_config
+        family = "opt" if config.family == "opt" else "llama"
+        size = packed_bytes(reference, fmt)
+        if folder is None and size > IN_MEMORY_LIMIT:
+            folder = convert.folder_for(default_cache_dir(), path, fmt)
+            params = convert.load(folder)
+        if params is None and folder is not None:
+            print(f"refimpl: converting the weights to {fmt} into {folder} ({human_bytes(size)}, once; later loads "
+                  "memory-map it)", file=sys.stderr, flush=True)
+            convert.save_entries(iter_packed(reference.params, family, fmt), folder, progress=sys.stderr.isatty())
+            params = convert.load(folder)
+        elif params is None:
+            params = dict(iter_packed(reference.params, family, fmt, nested=True))
         del reference
-        if folder is not None:
-            convert.save(params, folder)
     model = cls(config, params, np.float32)
     model.generation_config = generation_config
     model.weights = fmt

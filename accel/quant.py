@@ -249,6 +249,10 @@ class Weight:
             _dequantize_half(self.data, self.format == "bf16", out)
         return out
 
+    def band(self, start, stop):
+        """Rows [start, stop) as a Weight of the same format (views, no copy)."""
+        return Weight(self.format, self.data[start:stop], None if self.scales is None else self.scales[start:stop])
+
     def rows(self, ids):
         """float32 rows [n, D] for integer ids [n]: the embedding lookup of refimpl's `params["embed_tokens"][ids]`."""
         ids = np.asarray(ids, dtype=np.int64)
@@ -260,7 +264,8 @@ class Weight:
 
     def __getitem__(self, index):
         if isinstance(index, slice):  # a band of rows (refimpl's pretraining_tp vocab chunks)
-            return Weight(self.format, self.data[index], None if self.scales is None else self.scales[index])
+            start, stop, _ = index.indices(self.shape[0])
+            return self.band(start, stop)
         ids = np.asarray(index)
         return self.rows(ids.reshape(-1)).reshape(*ids.shape, self.shape[1])
 
@@ -291,17 +296,30 @@ class _Transposed:
 _scratch = threading.local()
 
 
-def _dequantized(weight):
-    """weight as float32 [O, D]: the array itself for fp32, else a per-thread scratch reused between calls."""
+TILE_ELEMENTS = 1 << 20  # a prompt dequantizes this many weights at a time (4 MiB of float32, cache-resident)
+
+
+def _tile_scratch(rows, cols):
+    """A per-thread float32 [rows, cols] scratch for one dequantized tile of weights, reused between calls."""
+    flat = getattr(_scratch, "tile", None)
+    if flat is None or flat.size < rows * cols:
+        flat = _scratch.tile = np.empty(rows * cols, np.float32)
+    return flat[:rows * cols].reshape(rows, cols)
+
+
+def _matmul_tiles(x, weight, y):
+    """y [M, O] <- x [M, D] @ W^T, W dequantized TILE_ELEMENTS at a time (a band of rows) into a small scratch and
+    multiplied by BLAS into the matching band of columns of y: never a float32 copy of the whole matrix, and the
+    dequantization is amortised over the M rows of the prompt."""
     if weight.format == "fp32":
-        return weight.data
-    cache = getattr(_scratch, "buffers", None)
-    if cache is None:
-        cache = _scratch.buffers = {}
-    buffer = cache.get(weight.shape)
-    if buffer is None:
-        buffer = cache[weight.shape] = np.empty(weight.shape, np.float32)
-    return weight.dequantize(out=buffer)
+        return matmul_nt(x, weight.data, y)
+    O, D = weight.shape
+    step = max(16, (TILE_ELEMENTS // max(D, 1)) // 16 * 16)
+    for start in range(0, O, step):
+        stop = min(start + step, O)
+        tile = weight.band(start, stop).dequantize(out=_tile_scratch(stop - start, D))
+        matmul_nt(x, tile, y[:, start:stop])
+    return y
 
 
 def linear_into(x, weight, bias, act, epilogue, out):
@@ -319,11 +337,10 @@ def linear_into(x, weight, bias, act, epilogue, out):
         else:
             _linear_half(x, weight.data, weight.format == "bf16", bias, act, epilogue, out)
         return out
-    # many rows: one GEMM (accel.blas: MKL when installed, else NumPy's BLAS) into a scratch, then the epilogue
-    w = _dequantized(weight)
+    # many rows: GEMMs (accel.blas: MKL when installed, else NumPy's BLAS) over tiles of W, then the epilogue
     if epilogue == STORE and bias.shape[0] == 0:
-        return matmul_nt(x, w, out)
-    y = matmul_nt(x, w, _scratch_rows(M, weight.shape[0]))  # [M, O]
+        return _matmul_tiles(x, weight, out)
+    y = _matmul_tiles(x, weight, _scratch_rows(M, weight.shape[0]))  # [M, O]
     if act not in NUMBA_EPILOGUE_ACTS and epilogue in (ACT, GATED):
         # tanh / erf / log1p activations: refimpl's own vectorised NumPy expressions (Numba calls scalar libm)
         if bias.shape[0]:
