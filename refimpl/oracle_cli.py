@@ -1,6 +1,7 @@
 """`refimpl golden` and `refimpl diff`: the oracle for porters (docs/oracle.md).
 
     refimpl golden MODEL (--ids 1,17,42 | --prompt TEXT) -o ref.safetensors [--dtype float64] [--summary]
+                   [--layers 0-3,31] [--ops 'attn.*,mlp.down']
     refimpl golden MODEL --ids 1,17,42 --compare-dtypes          # the error budget of fp32 / fp16 / bf16 weights
     refimpl diff REF.safetensors PORT.safetensors [--atol A] [--rtol R] [--skip 'layers.*.attn.q*']
     refimpl diff REF.safetensors PORT_LOGITS.bin                 # a port's raw float32 logits (llama.cpp layout)
@@ -17,6 +18,8 @@ import numpy as np
 from .diff import PRECISION_ORDER, DiffError, diff_packs, dumps, format_report, precision_rows, raw_logits_pack
 from .errors import InputError, RefimplError
 from .pack import make_pack, read_pack, run_trace, write_pack
+from .stored import StoredMatrix
+from .trace import selection
 
 RAW_LOGITS_SUFFIXES = (".bin", ".f32")
 
@@ -49,20 +52,47 @@ def run_golden(args):
     from . import load
 
     ids, text = prompt_ids(args)
+    keep = selection(parse_layers(args.layers), parse_ops(args.ops))
     if args.compare_dtypes:
-        print(precision_report(args.model, ids))
+        print(precision_report(args.model, ids, keep))
         if args.output is None:
             return 0
     if args.output is None:
         raise InputError("refimpl golden needs -o PACK.safetensors (or --compare-dtypes)")
     dtype = {"float32": np.float32, "float64": np.float64}[args.dtype]
     model = load(args.model, dtype=dtype)
-    tensors, metadata = make_pack(model, [ids], summary=args.summary, model_path=args.model, text=text)
+    tensors, metadata = make_pack(model, [ids], summary=args.summary, model_path=args.model, text=text, keep=keep)
     write_pack(args.output, tensors, metadata)
     stored = len(tensors) - 2
     print(f"wrote {args.output}: {type(model).__name__} ({args.dtype}), {len(ids)} tokens, {stored} trace tensors"
           f"{' as summaries' if args.summary else ''}")
     return 0
+
+
+def parse_layers(text):
+    """'0-3,31' -> {0, 1, 2, 3, 31}; None -> None (every layer)."""
+    if text is None:
+        return None
+    layers = set()
+    for part in text.split(","):
+        first, _, last = part.strip().partition("-")
+        if not first.isascii() or not first.isdigit() or (last and (not last.isascii() or not last.isdigit())):
+            raise InputError(f"--layers {text!r}: expected layer indices and ranges such as 0,1,31 or 0-3,31")
+        start, stop = int(first), int(last or first)
+        if stop < start or stop - start > 100_000:
+            raise InputError(f"--layers {text!r}: the range {part.strip()!r} is empty or too long")
+        layers.update(range(start, stop + 1))
+    return layers
+
+
+def parse_ops(text):
+    """'attn.q*,mlp.down' -> ['attn.q*', 'mlp.down']; None -> None (every op)."""
+    if text is None:
+        return None
+    ops = [op.strip() for op in text.split(",") if op.strip()]
+    if not ops:
+        raise InputError(f"--ops {text!r}: expected globs such as 'attn.q*,mlp.down'")
+    return ops
 
 
 def run_diff(args):
@@ -94,26 +124,35 @@ def round_to_bfloat16(x):
 
 
 def round_params(params, rounding):
-    """The parameter tree with every float array passed through `rounding`."""
+    """The parameter tree with every float parameter passed through `rounding`: vectors now, matrices lazily, one
+    tile at a time inside each product (a StoredMatrix), so no rounded copy of the model is ever held."""
     if isinstance(params, dict):
         return {k: round_params(v, rounding) for k, v in params.items()}
     if isinstance(params, list):
         return [round_params(v, rounding) for v in params]
+    if getattr(params, "ndim", 0) == 2:
+        matrix = params
+        return StoredMatrix(lambda a, b: rounding(np.asarray(matrix[a:b], dtype=np.float32)), matrix.shape,
+                            "rounded", np.float32, getattr(matrix, "name", ""))
     return rounding(params) if isinstance(params, np.ndarray) and params.dtype.kind == "f" else params
 
 
-def precision_report(model_path, ids):
-    """Op-by-op distance of fp32 compute, and of fp16 / bf16 weights (fp32 compute), from float64."""
+def round_to_float16(x):
+    """float32 -> the nearest float16, kept in float32."""
+    return np.asarray(x, dtype=np.float32).astype(np.float16).astype(np.float32)
+
+
+def precision_report(model_path, ids, keep=None):
+    """Op-by-op distance of fp32 compute, and of fp16 / bf16 weights (fp32 compute), from float64. One model is
+    loaded at a time (memory-mapped), so a 7B checkpoint needs no more memory than one forward pass."""
     from . import load
 
-    reference_model = load(model_path, dtype=np.float64)
+    reference = run_trace(load(model_path, dtype=np.float64), [ids], keep=keep)
     fp32 = load(model_path, dtype=np.float32)
-    fp16_weights = type(fp32)(fp32.config, round_params(fp32.params, lambda w: w.astype(np.float16).astype(
-        np.float32)), np.float32)
-    bf16_weights = type(fp32)(fp32.config, round_params(fp32.params, round_to_bfloat16), np.float32)
-    reference = run_trace(reference_model, [ids])
-    traces = {"fp32": run_trace(fp32, [ids]), "fp16 weights": run_trace(fp16_weights, [ids]),
-              "bf16 weights": run_trace(bf16_weights, [ids])}
+    traces = {"fp32": run_trace(fp32, [ids], keep=keep)}
+    for label, rounding in (("fp16 weights", round_to_float16), ("bf16 weights", round_to_bfloat16)):
+        rounded = type(fp32)(fp32.config, round_params(fp32.params, rounding), np.float32)
+        traces[label] = run_trace(rounded, [ids], keep=keep)
     rows = precision_rows(reference, traces)
     width = max(len(name) for name, _ in rows)
     out = [f"distance from float64, {type(fp32).__name__} from {model_path}, {len(ids)} tokens "
@@ -146,6 +185,9 @@ def add_parsers(subparsers):
     p.add_argument("--summary", action="store_true",
                    help="store per-tensor summaries (sum, mean, absmax, NaN/inf counts, first/last values) "
                         "instead of full intermediates; inputs and logits stay full")
+    p.add_argument("--layers", metavar="LIST", help="trace only these layers, e.g. 0,1,31 or 0-3,31 (default: all)")
+    p.add_argument("--ops", metavar="GLOBS", help="trace only these ops within a layer, e.g. 'attn.q*,mlp.down' "
+                   "(default: all; names as in docs/oracle.md)")
     p.add_argument("--compare-dtypes", action="store_true",
                    help="print how far fp32 (and fp16 / bf16 weights) land from float64, op by op")
     p.set_defaults(run=run_golden)

@@ -160,11 +160,16 @@ def summarize(array):
     return np.concatenate([np.array(stats, dtype=np.float64), edge])
 
 
-def run_trace(model, input_ids, attention_mask=None):
-    """One forward pass of `model` on input_ids [B, S] -> its Trace (logits included)."""
-    trace = Trace()
+def run_trace(model, input_ids, attention_mask=None, keep=None, transform=None):
+    """One forward pass of `model` on input_ids [B, S] -> its Trace (logits included); keep / transform as Trace's."""
+    trace = Trace(keep=keep, transform=transform)
     model(input_ids=input_ids, attention_mask=attention_mask, trace=trace)
     return trace
+
+
+def summarize_unless_full(name, value):
+    """A Trace transform for summary packs: inputs and logits in full, every other value summarized as recorded."""
+    return np.array(value, copy=True) if name in FULL_IN_SUMMARY else summarize(value)
 
 
 def checkpoint_sha256(model_path):
@@ -183,16 +188,16 @@ def checkpoint_sha256(model_path):
     return digests
 
 
-def make_pack(model, input_ids, attention_mask=None, summary=False, model_path=None, text=None):
-    """Run `model` with a trace -> (tensors, metadata) of a golden pack, tensors in graph order."""
+def make_pack(model, input_ids, attention_mask=None, summary=False, model_path=None, text=None, keep=None):
+    """Run `model` with a trace -> (tensors, metadata) of a golden pack, tensors in graph order. Summaries are taken
+    as values are recorded, and keep (refimpl.trace.selection) leaves out layers and ops: a 7B pack stays small."""
     from . import __version__
 
     ids = np.asarray(input_ids, dtype=np.int64).reshape(-1, np.shape(input_ids)[-1])  # [B, S]
     mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask, dtype=np.int64)
-    trace = run_trace(model, ids, mask)
+    trace = run_trace(model, ids, mask, keep, summarize_unless_full if summary else None)
     tensors = {"input_ids": ids, "attention_mask": mask}
-    for name, value in trace.items():
-        tensors[name] = value if (not summary or name in FULL_IN_SUMMARY) else summarize(value)
+    tensors.update(trace.items())
     metadata = {
         "format": FORMAT,
         "refimpl_version": __version__,
@@ -204,7 +209,7 @@ def make_pack(model, input_ids, attention_mask=None, summary=False, model_path=N
     }
     if summary:
         metadata["summary_fields"] = json.dumps(SUMMARY_FIELDS)
-        metadata["summary_shapes"] = json.dumps({n: list(v.shape) for n, v in trace.items()})
+        metadata["summary_shapes"] = json.dumps({n: list(shape) for n, shape in trace.shapes.items()})
     if model_path is not None:
         metadata["checkpoint"] = os.path.basename(os.path.normpath(os.fspath(model_path)))
         metadata["checkpoint_sha256"] = json.dumps(checkpoint_sha256(model_path))

@@ -20,21 +20,32 @@ import numpy as np
 
 
 class Trace:
-    """Records np.array(value, copy=True) under prefix + name. One Trace records one forward pass."""
+    """Records np.array(value, copy=True) under prefix + name. One Trace records one forward pass.
 
-    def __init__(self, prefix="", values=None):
+    keep(name) -> bool, when given, picks the names to record (a 7B model has 32 layers of them); transform(name,
+    value), when given, stores what it returns instead of a copy (e.g. a summary), so a trace's memory is bounded
+    by what it keeps. `shapes` holds every recorded name's shape either way.
+    """
+
+    def __init__(self, prefix="", values=None, keep=None, transform=None, shapes=None):
         self.prefix = prefix
         self.values = {} if values is None else values  # shared by a trace and its scopes; insertion = graph order
+        self.shapes = {} if shapes is None else shapes
+        self.keep = keep
+        self.transform = transform
 
     def __call__(self, name, value):
         key = self.prefix + name
         if key in self.values:
             raise ValueError(f"trace name {key!r} recorded twice: use a new Trace for each forward call")
-        self.values[key] = np.array(value, copy=True)
+        if self.keep is not None and not self.keep(key):
+            return
+        self.shapes[key] = tuple(np.shape(value))
+        self.values[key] = np.array(value, copy=True) if self.transform is None else self.transform(key, value)
 
     def scope(self, name):
         """A recorder writing into the same trace under "name." (e.g. scope("layers.3") then scope("attn"))."""
-        return Trace(f"{self.prefix}{name}.", self.values)
+        return Trace(f"{self.prefix}{name}.", self.values, self.keep, self.transform, self.shapes)
 
     def __getitem__(self, name):
         return self.values[name]
@@ -230,3 +241,21 @@ def format_table(family):
     for name, shape, meaning, hf, gguf in TABLES[family]:
         lines.append(f"| `{name}` | {shape} | {meaning} | `{hf}` | {gguf} |")
     return "\n".join(lines)
+
+
+def selection(layers=None, ops=None):
+    """keep(name) for Trace: only layers in `layers` (a set of indices) and, within a layer, only ops matching one
+    of the globs in `ops` (e.g. "attn.q*", "mlp.*"); names outside the layers (embeddings, logits) are always kept.
+    None for both keeps everything."""
+    if layers is None and not ops:
+        return None
+
+    def keep(name):
+        match = re.match(r"layers\.(\d+)\.(.*)$", name)
+        if match is None:
+            return True
+        if layers is not None and int(match.group(1)) not in layers:
+            return False
+        return not ops or any(fnmatch.fnmatchcase(match.group(2), pattern) for pattern in ops)
+
+    return keep
