@@ -11,6 +11,7 @@ and number classes are built from unicodedata (see pretokenize_pattern).
 from __future__ import annotations
 
 import functools
+import heapq
 import itertools
 import re
 import sys
@@ -86,22 +87,40 @@ def pretokenize(text: str) -> list[str]:
 
 def bpe(word: str, ranks: dict[tuple[str, str], int]) -> list[str]:
     """GPT2Tokenizer.bpe (tokenization_gpt2.py:187-227): take the adjacent pair with the lowest merge rank,
-    merge all its occurrences left to right, repeat until no adjacent pair has a rank."""
-    parts = list(word)
-    while len(parts) > 1:
-        best = min(zip(parts, parts[1:]), key=lambda pair: ranks.get(pair, float("inf")))
-        if best not in ranks:
-            break
-        merged, i = [], 0
-        while i < len(parts):
-            if i < len(parts) - 1 and (parts[i], parts[i + 1]) == best:
-                merged.append(parts[i] + parts[i + 1])
-                i += 2
-            else:
-                merged.append(parts[i])
-                i += 1
-        parts = merged
-    return parts
+    merge all its occurrences left to right, repeat until no adjacent pair has a rank.
+
+    transformers rescans the whole word for every merge, O(n) per pass; a 50,000-character word without a
+    space took minutes. Here a heap of (rank, position) over a linked list of symbols makes it O(n log n)
+    with the same merges: one pass is every heap entry of the lowest rank, taken leftmost first; the pairs
+    its merges create wait for the next pass, even those of a lower rank, as they do in transformers.
+    """
+    symbols: list[str | None] = list(word)  # symbols[i] is None once merged into its left neighbour
+    nxt = list(range(1, len(symbols))) + [-1]  # a linked list over positions; -1 ends it
+    prv = list(range(-1, len(symbols) - 1))
+    heap = [(ranks[pair], i) for i, pair in enumerate(zip(word, word[1:])) if pair in ranks]
+    heapq.heapify(heap)
+    while heap:
+        rank, starts = heap[0][0], []
+        while heap and heap[0][0] == rank:  # one pass: positions come out in increasing order
+            starts.append(heapq.heappop(heap)[1])
+        merged = [i for i in starts if _merge_pair(i, rank, symbols, nxt, prv, ranks)]
+        for i in {prv[i] for i in merged} | set(merged):  # the pairs that changed: left of and at each merge
+            if i != -1 and nxt[i] != -1 and (symbols[i], symbols[nxt[i]]) in ranks:
+                heapq.heappush(heap, (ranks[symbols[i], symbols[nxt[i]]], i))
+    return [s for s in symbols if s is not None]
+
+
+def _merge_pair(i: int, rank: int, symbols: list, nxt: list[int], prv: list[int], ranks: dict) -> bool:
+    """Merge the symbol at position i with the next one if they still form the pair of this rank. A heap
+    entry goes stale when an earlier merge in the pass took its left symbol, or its right one grew."""
+    j = nxt[i]
+    if symbols[i] is None or j == -1 or ranks.get((symbols[i], symbols[j])) != rank:
+        return False
+    symbols[i], symbols[j] = symbols[i] + symbols[j], None
+    nxt[i] = nxt[j]
+    if nxt[j] != -1:
+        prv[nxt[j]] = i
+    return True
 
 
 def read_vocab(path: Path) -> dict[str, int]:
