@@ -106,14 +106,17 @@ def rounded_tensors(case: str, kind: str) -> dict[str, np.ndarray]:
     return tensors
 
 
-def bin_variant(case: str, root, shards: int = 1, rename=None, extra: dict | None = None) -> str:
-    """The golden model saved with torch.save as pytorch_model.bin (or `shards` shards + index). Needs torch."""
+def bin_variant(case: str, root, shards: int = 1, rename=None, extra: dict | None = None, dtype=None) -> str:
+    """The golden model saved with torch.save as pytorch_model.bin (or `shards` shards + index), its tensors cast to
+    `dtype` ("float16", "bfloat16") when given, as the OPT checkpoints ship in float16. Needs torch."""
     import torch
 
     tensors = {(rename(n) if rename else n): a for n, a in golden_tensors(case).items()}
     tensors.update(extra or {})
-    folder = new_folder(case, root, f"bin{shards}")
+    folder = new_folder(case, root, f"bin{shards}{dtype or ''}")
     state = {n: torch.from_numpy(np.array(a)) for n, a in tensors.items()}
+    if dtype is not None:
+        state = {n: t.to(getattr(torch, dtype)) for n, t in state.items()}
     if shards == 1:
         torch.save(state, os.path.join(folder, "pytorch_model.bin"))
         return folder

@@ -331,3 +331,22 @@ def test_docs_worked_example_reproduces(tmp_path, monkeypatch, capsys):
     table, keep = essentials(pasted)
     assert len(table) == 48 and len(keep) == 6
     assert essentials(out) == (table, keep)
+
+
+def test_compare_dtypes_rounds_memory_mapped_and_stored_matrices(tmp_path):
+    """round_params rounds every matrix, memory-mapped fp32 arrays and StoredMatrix alike, lazily (no rounded copy
+    of the model): bf16 rounding of an fp16 file's matrices changes them, fp16 rounding leaves them as they are."""
+    import checkpoint_files as cf
+    from refimpl.stored import StoredMatrix
+
+    model = refimpl.load(cf.safetensors_variant("llama_mha", tmp_path, "fp16"))
+    q = model.params["layers"][0]["q_proj"]
+    as_fp16 = oracle_cli.round_params(model.params, oracle_cli.round_to_float16)["layers"][0]["q_proj"]
+    as_bf16 = oracle_cli.round_params(model.params, oracle_cli.round_to_bfloat16)["layers"][0]["q_proj"]
+    assert isinstance(as_fp16, StoredMatrix) and isinstance(as_bf16, StoredMatrix)
+    np.testing.assert_array_equal(np.asarray(as_fp16), np.asarray(q))
+    np.testing.assert_array_equal(np.asarray(as_bf16), oracle_cli.round_to_bfloat16(np.asarray(q)))
+    assert not np.array_equal(np.asarray(as_bf16), np.asarray(q))
+    golden = refimpl.load(f"{GOLDEN}/models/llama_mha")  # fp32 memory maps
+    rounded = oracle_cli.round_params(golden.params, oracle_cli.round_to_float16)["layers"][0]["q_proj"]
+    np.testing.assert_array_equal(np.asarray(rounded), golden.params["layers"][0]["q_proj"].astype(np.float16))

@@ -152,3 +152,41 @@ def timed(f):
     start = time.perf_counter()
     f()
     return time.perf_counter() - start
+
+
+def test_trace_selection_keeps_only_the_asked_layers_and_ops():
+    from refimpl.trace import selection
+
+    model = refimpl.load(os.path.join(GOLDEN, "models", "llama_mha"))
+    full, picked = Trace(), Trace(keep=selection({1}, ["attn.q*", "mlp.down"]))
+    model(input_ids=[[1, 17, 42]], trace=full)
+    model(input_ids=[[1, 17, 42]], trace=picked)
+    expected = [n for n in full if not n.startswith("layers.") or n in
+                ("layers.1.attn.q", "layers.1.attn.q_rope", "layers.1.mlp.down")]
+    assert list(picked) == expected and "logits" in picked
+    for name in picked:
+        np.testing.assert_array_equal(picked[name], full[name])
+    assert picked.shapes["layers.1.attn.q"] == full["layers.1.attn.q"].shape
+
+
+def test_golden_pack_with_layers_ops_and_summaries(tmp_path):
+    """--layers / --ops keep a 7B pack small; --summary is taken as values are recorded, with the shapes kept."""
+    import json
+
+    from refimpl import oracle_cli
+    from refimpl.pack import SUMMARY_FIELDS, read_pack
+
+    out = tmp_path / "p.safetensors"
+    assert oracle_cli.main(["golden", f"{GOLDEN}/models/llama_mha", "--ids", "1,17,42", "-o", str(out),
+                            "--layers", "0-1", "--ops", "attn.scores,mlp.*", "--summary"]) == 0
+    pack = read_pack(out)
+    layer_names = [n for n in pack.tensors if n.startswith("layers.")]
+    assert layer_names and all(n.split(".", 2)[2] == "attn.scores" or n.split(".", 2)[2].startswith("mlp.")
+                               for n in layer_names)
+    assert {n.split(".")[1] for n in layer_names} == {"0", "1"}
+    assert pack.tensors["layers.0.attn.scores"].shape == (len(SUMMARY_FIELDS),)
+    assert pack.tensors["logits"].shape[-1] == refimpl.read_config(f"{GOLDEN}/models/llama_mha").vocab_size
+    shapes = json.loads(pack.metadata["summary_shapes"])
+    assert shapes["layers.0.attn.scores"][-2:] == [3, 3]
+    with pytest.raises(refimpl.InputError, match="--layers"):
+        oracle_cli.parse_layers("0-x")
