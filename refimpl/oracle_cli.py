@@ -18,6 +18,7 @@ import numpy as np
 from .diff import PRECISION_ORDER, DiffError, diff_packs, dumps, format_report, precision_rows, raw_logits_pack
 from .errors import InputError, RefimplError
 from .pack import make_pack, read_pack, run_trace, write_pack
+from .safe_write import check_output, write_atomically
 from .stored import StoredMatrix
 from .trace import selection
 
@@ -59,6 +60,7 @@ def run_golden(args):
             return 0
     if args.output is None:
         raise InputError("refimpl golden needs -o PACK.safetensors (or --compare-dtypes)")
+    check_output(args.output, args.force)  # before the forward pass, which may take minutes on a 7B
     dtype = {"float32": np.float32, "float64": np.float64}[args.dtype]
     model = load(args.model, dtype=dtype)
     tensors, metadata = make_pack(model, [ids], summary=args.summary, model_path=args.model, text=text, keep=keep)
@@ -96,6 +98,8 @@ def parse_ops(text):
 
 
 def run_diff(args):
+    if args.json:
+        check_output(args.json, args.force, "--json")
     try:
         ref = read_pack(args.ref)
         port_path = args.port_logits or args.port
@@ -111,8 +115,8 @@ def run_diff(args):
         return 2
     print(format_report(report, ref, port, all_ops=not args.failures_only))
     if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
-            f.write(dumps(report))
+        text = dumps(report).encode("utf-8")
+        write_atomically(args.json, lambda f: f.write(text))
     return 0 if report.ok else 1
 
 
@@ -179,7 +183,8 @@ def add_parsers(subparsers):
     source.add_argument("--ids", help="prompt token ids, e.g. 1,17,42")
     source.add_argument("--prompt", help="prompt text, encoded with the checkpoint's tokenizer")
     p.add_argument("--tokenizer", help="folder holding the tokenizer files (default: MODEL)")
-    p.add_argument("-o", "--output", help="the pack to write (.safetensors)")
+    p.add_argument("-o", "--output", help="the pack to write (.safetensors); never over an existing file")
+    p.add_argument("--force", action="store_true", help="replace an existing -o file (never a checkpoint's own)")
     p.add_argument("--dtype", choices=["float32", "float64"], default="float32",
                    help="compute dtype; float64 is the audit mode")
     p.add_argument("--summary", action="store_true",
@@ -204,7 +209,8 @@ def add_parsers(subparsers):
                    help="leave out trace names matching this glob, e.g. 'layers.*.attn.[qk]*' (repeatable)")
     d.add_argument("--top-k", type=int, default=5, help="k of the final-logit top-k overlap (default 5)")
     d.add_argument("--failures-only", action="store_true", help="list only the ops over tolerance")
-    d.add_argument("--json", metavar="FILE", help="also write the report as JSON")
+    d.add_argument("--json", metavar="FILE", help="also write the report as JSON (never over an existing file)")
+    d.add_argument("--force", action="store_true", help="replace an existing --json file")
     d.set_defaults(run=run_diff)
 
 

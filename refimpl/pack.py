@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .errors import InputError
+from .safe_write import write_atomically
 from .trace import Trace, graph_order
 
 FORMAT = "refimpl-golden-pack/1"
@@ -58,11 +59,13 @@ def write_safetensors(path, tensors, metadata=None):
         offset += len(blob)
     text = json.dumps(header, separators=(",", ":")).encode("utf-8")
     text += b" " * (-len(text) % 8)
-    with open(path, "wb") as f:
+    def write(f):
         f.write(struct.pack("<Q", len(text)))
         f.write(text)
         for blob in blobs:
             f.write(blob)
+
+    write_atomically(path, write)  # a failed write leaves a previous file whole
 
 
 def read_header(path):
