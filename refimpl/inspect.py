@@ -15,13 +15,15 @@ from .formats.common import NUMPY_DTYPES, human_bytes
 from .weights import HEADS, IGNORED_LAYER, checkpoint_files, list_checkpoint, read_model_config, strip_prefix
 
 DEFAULT_CLASS = {"llama": "LlamaForCausalLM", "open-llama": "OpenLlamaForCausalLM", "opt": "OPTForCausalLM"}
-FORMATS = {".safetensors": "safetensors", ".bin": "PyTorch zip (.bin)", ".gguf": "GGUF"}
+FORMATS = {".safetensors": "safetensors", ".bin": "PyTorch zip (.bin)", ".gguf": "GGUF",
+           ".pth": "Meta consolidated.NN.pth (model-parallel shards)"}
 
 
 def add_parser(subparsers):
     """Register `refimpl inspect PATH [--quiet]` on the CLI's subparsers."""
     p = subparsers.add_parser("inspect", help="describe a checkpoint: family, config, parameters, dtypes, memory")
-    p.add_argument("path", help="a checkpoint folder, or a .safetensors / .bin / .gguf file")
+    p.add_argument("path", help="a checkpoint folder (Hugging Face, or Meta's params.json + consolidated.NN.pth), "
+                   "or a .safetensors / .bin / .gguf file")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     p.set_defaults(run=run)
     return p

@@ -2,7 +2,8 @@
 
 Reads what people download: a Hugging Face folder holding model.safetensors (one file, or the shards listed in
 model.safetensors.index.json) or pytorch_model.bin (one file or sharded; read without torch), fp32, fp16, bf16 or
-fp64; or a llama.cpp .gguf file (with the optional `gguf` package). The readers, each treating its file as hostile,
+fp64; a llama.cpp .gguf file (with the optional `gguf` package); or a folder of Meta's original Llama 2 checkpoint
+(params.json + consolidated.NN.pth, refimpl/formats/meta.py). The readers, each treating its file as hostile,
 live in refimpl/formats/; this module picks one and maps names. The tables map Hugging Face tensor names to
 refimpl's; every expected tensor must be found with its shape and every tensor in the file must be used (head
 tensors of another class excepted), else a CheckpointError names the first one that is not.
@@ -18,6 +19,7 @@ from .config import from_hf_config, read_config
 from .errors import CheckpointError, ConfigError
 from .formats.common import Stored, human_bytes, report, show_progress
 from .formats.gguf import read_gguf_file
+from .formats.meta import is_meta_folder, list_meta, meta_shard_files, read_meta_config
 from .formats.safetensors import list_safetensors
 from .formats.torch_bin import list_torch_bin
 from .stored import StoredMatrix
@@ -108,6 +110,8 @@ def checkpoint_files(path) -> tuple[list[str], object, dict | None]:
             if path.endswith(suffix):
                 return [path], reader, None
         raise CheckpointError(f"{path}: not a .safetensors, .bin or .gguf file")
+    if is_meta_folder(path):  # Meta's model-parallel shards, each a torch zip; list_checkpoint joins them (list_meta)
+        return meta_shard_files(path), list_torch_bin, None
     for single, index, reader in CHECKPOINT_FILES:
         if os.path.isfile(os.path.join(path, single)):
             return [os.path.join(path, single)], reader, None
@@ -115,8 +119,8 @@ def checkpoint_files(path) -> tuple[list[str], object, dict | None]:
             weight_map = read_index(os.path.join(path, index))
             return [os.path.join(path, shard) for shard in sorted(set(weight_map.values()))], reader, weight_map
     present = sorted(os.listdir(path)) if os.path.isdir(path) else []
-    raise CheckpointError(f"{path}: no model.safetensors, pytorch_model.bin or their .index.json "
-                          f"(found: {present[:20]})")
+    raise CheckpointError(f"{path}: no model.safetensors, pytorch_model.bin or their .index.json, nor Meta's "
+                          f"params.json + consolidated.NN.pth (found: {present[:20]})")
 
 
 def read_index(path: str) -> dict[str, str]:
@@ -141,6 +145,8 @@ def list_checkpoint(path, progress=None) -> dict[str, Stored]:
 
     progress=None reports each file on stderr when stderr is a terminal; False is quiet, True always reports.
     """
+    if is_meta_folder(path):
+        return list_meta(path, progress)  # one Stored per transformers tensor, joined from every shard
     files, reader, weight_map = checkpoint_files(path)
     verbose = show_progress(progress)
     stored, shard_of = {}, {}
@@ -184,10 +190,13 @@ def read_gguf(path) -> tuple[dict, dict[str, np.ndarray]]:
 
 
 def read_model_config(path):
-    """config.json of a checkpoint folder, or the metadata of a .gguf file -> a config dataclass."""
+    """config.json of a checkpoint folder, the metadata of a .gguf file, or a Meta folder's params.json (as
+    transformers' conversion script turns it into a config.json) -> a config dataclass."""
     path = os.fspath(path)
     if path.endswith(".gguf") and os.path.isfile(path):
         return from_hf_config(read_gguf_file(path)[0])
+    if is_meta_folder(path):
+        return from_hf_config(read_meta_config(path))
     return read_config(path)
 
 
