@@ -132,7 +132,7 @@ def write_safetensors_shards(folder, tensors, kind, shards):
     pool, weight_map = RandomPool(kind), {}
     for k, group in enumerate(groups, 1):
         file = f"model-{k:05d}-of-{len(groups):05d}.safetensors"
-        header, offset = {}, 0
+        header, offset = {"__metadata__": {"format": "pt"}}, 0  # as save_pretrained writes it (transformers reads it)
         for name, shape, _ in group:
             n = int(np.prod(shape)) * 2
             header[name] = {"dtype": kind, "shape": list(shape), "data_offsets": [offset, offset + n]}
@@ -242,7 +242,8 @@ def decode_times(step, prompt, n):
     out = step(prompt, None)
     times = []
     for _ in range(n):
-        token = int(np.argmax(np.asarray(out.logits)[0, -1]))
+        logits = out.logits.float().numpy() if hasattr(out.logits, "float") else np.asarray(out.logits)  # torch bf16
+        token = int(np.argmax(logits[0, -1]))
         out, seconds = timed(lambda: step([token], out.past_key_values))
         times.append(seconds)
     return [statistics.median(times), min(times), max(times)]

@@ -4,6 +4,7 @@
     refimpl generate MODEL --ids 1,17,42 --verbose-prompt
     refimpl next-token MODEL --ids 1,17,42 [--top-k 5] [--dtype float64]
     refimpl inspect PATH
+    refimpl convert SRC DST [--max-shard-size 5GB] [--dtype f32|f16|bf16] [--force]
     refimpl golden MODEL (--ids 1,17,42 | --prompt TEXT) -o pack.safetensors [--dtype float64] [--summary] [--compare-dtypes]
     refimpl diff REF.safetensors PORT.safetensors|PORT_LOGITS.bin [--atol A] [--rtol R] [--skip GLOB] [--json FILE]
 """
@@ -16,6 +17,7 @@ import time
 
 import numpy as np
 
+from . import convert as convert_command
 from . import inspect as inspect_command
 from .oracle_cli import add_parsers as add_oracle_parsers
 from .errors import InputError, RefimplError
@@ -173,7 +175,7 @@ def add_backend_arguments(parser):
     """Add --backend, --weights and --threads to an argparse parser (or subparser)."""
     group = parser.add_argument_group("backend")
     group.add_argument("--backend", choices=BACKENDS, default="numpy",
-                       help="numpy: refimpl itself (default); numba: accel's CPU kernels; cuda: not implemented yet")
+                       help="numpy: refimpl itself (default); numba: accel's CPU kernels; cuda: accel's GPU kernels (CuPy, NVIDIA)")
     group.add_argument("--weights", choices=WEIGHT_FORMATS, default=None,
                        help="weight storage for --backend numba: fp32 (default), fp16, bf16, int8 (Q8_0 blocks)")
     group.add_argument("--threads", type=_positive_int, default=None,
@@ -209,6 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      "Open-Llama and OPT, matching Hugging Face transformers 4.46.3.")
     sub = parser.add_subparsers(dest="command", required=True)
     inspect_command.add_parser(sub)
+    convert_command.add_parser(sub)  # refimpl convert: any checkpoint -> a Hugging Face safetensors folder
     g = sub.add_parser("generate", help="generate text (or token ids) from a prompt, streaming it as it comes")
     g.add_argument("model", help="a Hugging Face checkpoint folder (config.json + model.safetensors + tokenizer)")
     source = g.add_mutually_exclusive_group()
