@@ -16,6 +16,7 @@ import numpy as np
 
 from ..errors import CheckpointError
 from .common import NUMPY_DTYPES, Stored, bf16_to_f32, element_count, is_dims
+from .untrusted import check_shape, summary
 
 MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own limit
 
@@ -38,10 +39,11 @@ def read_header(path: str, size: int) -> tuple[dict, int]:
         if len(head) < 8:
             raise CheckpointError(f"{path}: {size} bytes is too short for a safetensors file (8-byte header length)")
         (header_len,) = struct.unpack("<Q", head)
+        shown = "" if _is_link(path) else f" {header_len}"  # a link's target may be a secret: show none of its bytes
         if header_len > size - 8:
-            raise CheckpointError(f"{path}: header length {header_len} is larger than the file ({size} bytes)")
+            raise CheckpointError(f"{path}: header length{shown} is larger than the file ({size} bytes)")
         if header_len > MAX_HEADER_BYTES:
-            raise CheckpointError(f"{path}: header length {header_len} exceeds the limit of {MAX_HEADER_BYTES} bytes")
+            raise CheckpointError(f"{path}: header length{shown} exceeds the limit of {MAX_HEADER_BYTES} bytes")
         text = f.read(header_len)
     try:
         header = json.loads(text.decode("utf-8"), object_pairs_hook=_refuse_duplicates)
@@ -57,33 +59,41 @@ def read_header(path: str, size: int) -> tuple[dict, int]:
     return header, 8 + header_len
 
 
+def _is_link(path: str) -> bool:
+    """Whether the path or a folder above it is a symlink (as in the Hugging Face cache, or a hostile repository)."""
+    return os.path.realpath(path) != os.path.abspath(path)
+
+
 def _refuse_duplicates(pairs):
     # json.loads would keep the last of two equal names silently; a file could hide a tensor that way
     names = [name for name, _ in pairs]
     if len(set(names)) != len(names):
         duplicate = next(name for name in names if names.count(name) > 1)
-        raise CheckpointError(f"the safetensors header names {duplicate!r} twice")
+        raise CheckpointError(f"the safetensors header names {summary(duplicate)} twice")
     return dict(pairs)
 
 
 def _entry(path: str, name: str, info) -> tuple[str, tuple, int, int]:
     """A header entry -> (dtype, shape, begin, end), with dtype, shape and byte count agreeing."""
     if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= info.keys():
-        raise CheckpointError(f"{path}: tensor {name!r} has a malformed header entry (needs dtype, shape, "
-                              f"data_offsets): {str(info)[:200]}")
+        raise CheckpointError(f"{path}: tensor {summary(name)} has a malformed header entry (needs dtype, shape, "
+                              f"data_offsets): {summary(info)}")
     dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
     if not isinstance(dtype, str) or dtype not in NUMPY_DTYPES:
-        raise CheckpointError(f"{path}: tensor {name!r} has dtype {str(dtype)[:40]!r}, which refimpl cannot read "
+        raise CheckpointError(f"{path}: tensor {summary(name)} has dtype {summary(dtype)}, which refimpl cannot "
+                              f"read "
                               f"({', '.join(NUMPY_DTYPES)})")
     if not is_dims(shape):
-        raise CheckpointError(f"{path}: tensor {name!r} has shape {str(shape)[:80]}, not a list of sizes")
+        raise CheckpointError(f"{path}: tensor {summary(name)} has shape {summary(shape)}, not a list of sizes")
     if not is_dims(offsets) or len(offsets) != 2 or offsets[0] > offsets[1]:
-        raise CheckpointError(f"{path}: tensor {name!r} has data_offsets {str(offsets)[:80]}, not [begin, end]")
+        raise CheckpointError(f"{path}: tensor {summary(name)} has data_offsets {summary(offsets)}, not [begin, end]")
     begin, end = offsets
-    needed = element_count(shape) * np.dtype(NUMPY_DTYPES[dtype]).itemsize
+    itemsize = np.dtype(NUMPY_DTYPES[dtype]).itemsize
+    check_shape(f"{path}: tensor {summary(name)}", shape, itemsize)
+    needed = element_count(shape) * itemsize
     if end - begin != needed:
-        raise CheckpointError(f"{path}: tensor {name!r} ({dtype} {list(shape)}) needs {needed} bytes, but its byte "
-                              f"range [{begin}, {end}) holds {end - begin}")
+        raise CheckpointError(f"{path}: tensor {summary(name)} ({dtype} {summary(shape)}) needs {needed} bytes, but "
+                              f"its byte range [{begin}, {end}) holds {end - begin}")
     return dtype, tuple(shape), begin, end
 
 
@@ -92,10 +102,11 @@ def _check_tiling(path: str, entries: dict, data_len: int) -> None:
     previous_end, previous_name = 0, None
     for begin, end, name in sorted((e[2], e[3], name) for name, e in entries.items()):
         if end > data_len:
-            raise CheckpointError(f"{path}: tensor {name!r} has byte range [{begin}, {end}) that does not fit the "
-                                  f"file: the data section holds {data_len} bytes (truncated file or lying offset)")
+            raise CheckpointError(f"{path}: tensor {summary(name)} has byte range [{begin}, {end}) that does not fit "
+                                  f"the file: the data section holds {data_len} bytes (truncated file or lying offset)")
         if begin < previous_end:
-            raise CheckpointError(f"{path}: tensors {previous_name!r} and {name!r} overlap at data byte {begin}")
+            raise CheckpointError(f"{path}: tensors {summary(previous_name)} and {summary(name)} overlap at data byte "
+                                  f"{begin}")
         if begin > previous_end:
             raise CheckpointError(f"{path}: data bytes [{previous_end}, {begin}) belong to no tensor")
         previous_end, previous_name = end, name
