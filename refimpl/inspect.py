@@ -11,7 +11,7 @@ import os
 
 import numpy as np
 
-from .formats.common import NUMPY_DTYPES, human_bytes
+from .formats.common import NUMPY_DTYPES, element_count, human_bytes
 from .weights import HEADS, IGNORED_LAYER, checkpoint_files, list_checkpoint, read_model_config, strip_prefix
 
 DEFAULT_CLASS = {"llama": "LlamaForCausalLM", "open-llama": "OpenLlamaForCausalLM", "opt": "OPTForCausalLM"}
@@ -73,7 +73,8 @@ def _ignored(name: str) -> bool:
 
 
 def _numel(shape) -> int:
-    return int(np.prod(shape, dtype=np.int64)) if shape else 1
+    """Values in a tensor, as a Python int (np.prod would wrap around at 2**63)."""
+    return element_count(shape)
 
 
 def _stored_itemsize(dtype: str) -> int:

@@ -22,6 +22,7 @@ from .formats.gguf import read_gguf_file
 from .formats.meta import is_meta_folder, list_meta, meta_shard_files, read_meta_config
 from .formats.safetensors import list_safetensors
 from .formats.torch_bin import list_torch_bin
+from .formats.untrusted import layer_index, summary
 from .stored import StoredMatrix
 
 
@@ -224,27 +225,54 @@ def strip_prefix(name: str, family: str) -> str:
 
 
 def rename(tensors: dict, family: str, num_layers: int) -> tuple[dict, list[dict]]:
-    """HF names -> ({top-level name: array}, [per-layer {name: array}]). Unknown names raise CheckpointError."""
-    top_table, layer_table = (OPT_TOP, OPT_LAYER) if family == "opt" else (LLAMA_TOP, LLAMA_LAYER)
-    top, layers = {}, [{} for _ in range(num_layers)]
+    """HF names -> ({top-level name: array}, [per-layer {name: array}]). Each file name is exactly one parameter:
+    an unknown name, a layer index written otherwise than Python writes it or >= num_layers, or two names for one
+    parameter ('model.norm.weight' beside 'norm.weight', 'layers.00.' beside 'layers.0.') raise CheckpointError.
+    Layers are gathered by index and listed only once all are present: nothing is made per configured layer first."""
+    top, by_index, source = {}, {}, {}  # source: (layer index or None, refimpl name) -> the file's name for it
     for hf_name, array in tensors.items():
-        name = strip_prefix(hf_name, family)
-        if name in HEADS:
-            top[HEADS[name]] = array
-        elif name in top_table:
-            top[top_table[name]] = array
-        elif name.startswith("layers."):
-            parts = name.split(".", 2)
-            index, rest = (parts[1], parts[2]) if len(parts) == 3 else ("", "")
-            if rest in IGNORED_LAYER:
-                continue
-            if not index.isdigit() or int(index) >= num_layers or rest not in layer_table:
-                raise CheckpointError(f"checkpoint tensor {hf_name!r} is not a parameter of this {family} model "
-                                      f"({num_layers} layers)")
-            layers[int(index)][layer_table[rest]] = array
-        else:
-            raise CheckpointError(f"checkpoint tensor {hf_name!r} is not a parameter of a {family} model")
-    return top, layers
+        target = _parameter(hf_name, family, num_layers)
+        if target is None:
+            continue  # a buffer that transformers recomputes
+        if target in source:
+            raise CheckpointError(f"checkpoint tensors {summary(source[target])} and {summary(hf_name)} are two names "
+                                  f"for one parameter ({_spelled(target)}); a checkpoint names each parameter once")
+        source[target] = hf_name
+        index, name = target
+        (top if index is None else by_index.setdefault(index, {}))[name] = array
+    return top, _layer_list(by_index, num_layers)
+
+
+def _parameter(hf_name: str, family: str, num_layers: int):
+    """'model.layers.3.mlp.up_proj.weight' -> (3, 'up_proj'); 'model.norm.weight' -> (None, 'norm'); None for a
+    skipped buffer. Anything else raises CheckpointError."""
+    top_table, layer_table = (OPT_TOP, OPT_LAYER) if family == "opt" else (LLAMA_TOP, LLAMA_LAYER)
+    name = strip_prefix(hf_name, family)
+    if name in HEADS:
+        return None, HEADS[name]
+    if name in top_table:
+        return None, top_table[name]
+    parts = name.split(".", 2)
+    if len(parts) == 3 and parts[0] == "layers":
+        index = layer_index(parts[1])  # '0', '12'; never '012', '+1', ' 1' or a non-ASCII digit
+        if index is not None and index < num_layers and (parts[2] in layer_table or parts[2] in IGNORED_LAYER):
+            return None if parts[2] in IGNORED_LAYER else (index, layer_table[parts[2]])
+        raise CheckpointError(f"checkpoint tensor {summary(hf_name)} is not a parameter of this {family} model "
+                              f"({num_layers} layers, numbered 0, 1, ... without leading zeros)")
+    raise CheckpointError(f"checkpoint tensor {summary(hf_name)} is not a parameter of a {family} model")
+
+
+def _spelled(target) -> str:
+    index, name = target
+    return name if index is None else f"layers.{index}.{name}"
+
+
+def _layer_list(by_index: dict, num_layers: int) -> list[dict]:
+    """{index: {name: array}} -> [one dict per layer]; a layer with no tensor at all is named."""
+    if len(by_index) != num_layers:  # every index is < num_layers, so some layer is missing: find the first
+        missing = next(i for i in range(num_layers) if i not in by_index)
+        raise CheckpointError(f"checkpoint has no tensor of layer {missing} (the config has {num_layers} layers)")
+    return [by_index[i] for i in range(num_layers)]
 
 
 FLOAT_STORAGE = ("F16", "BF16", "F32", "F64")  # plus every quantized GGUF type, which dequantizes to float32
