@@ -296,7 +296,7 @@ def take(store: dict, name: str, shape: tuple, dtype, where: str = ""):
         raise CheckpointError(f"checkpoint tensor {where}{name} has dtype {stored.dtype}, expected a float type")
     if len(shape) != 2 or stored.rows is None:
         return np.asarray(stored.load(), dtype=dtype)
-    if (stored.dtype, np.dtype(dtype).type) in NO_COPY:
+    if (stored.dtype, np.dtype(dtype).type) in NO_COPY and stored.view:
         return stored.load()
     return StoredMatrix(stored.rows, shape, stored.dtype, dtype, f"{where}{name}")
 

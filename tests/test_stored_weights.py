@@ -195,3 +195,19 @@ def test_fp32_default_is_unchanged_bit_for_bit():
     case = "llama_gqa_bias"
     eager = refimpl.load(os.path.join(cf.GOLDEN, "models", case), weights_dtype=np.float32)
     assert_same_outputs(case, golden_outputs(case), outputs(case, eager))
+
+
+def test_copies_made_by_a_reader_stay_lazy_as_fp32_too(tmp_path):
+    """A float32 tensor whose load() would build a copy (Meta shards joined, q/k rows un-permuted; GGUF q/k) is kept
+    as a StoredMatrix like any other, not read whole at load; an unpermuted single-file fp32 matrix is the map."""
+    pytest.importorskip("torch", reason="the test writes Meta's .pth shards with torch.save")
+    from test_meta_checkpoint import golden_meta
+
+    model = refimpl.load(golden_meta(tmp_path / "meta", shards=2, kind="fp32"))
+    layer = model.params["layers"][0]
+    assert isinstance(layer["q_proj"], StoredMatrix) and isinstance(layer["o_proj"], StoredMatrix)
+    pytest.importorskip("gguf")
+    gguf_model = refimpl.load(cf.write_gguf(tmp_path / "m.gguf", "llama_mha", "F32"))
+    layer = gguf_model.params["layers"][0]
+    assert isinstance(layer["q_proj"], StoredMatrix) and isinstance(layer["k_proj"], StoredMatrix)
+    assert isinstance(layer["v_proj"], np.ndarray) and is_file_view(layer["v_proj"])

@@ -26,6 +26,7 @@ class Stored(NamedTuple):
     # (start, stop) -> rows [start, stop) as stored, no widening: F16/F32/F64 values (memory-mapped views), BF16 as
     # uint16 bits, quantized blocks dequantized to float32. What refimpl.stored.StoredMatrix reads tile by tile.
     rows: Optional[Callable[[int, int], np.ndarray]] = None
+    view: bool = True  # load() returns a view of the file; False when it builds a copy (joined shards, permuted rows)
 
 
 def bf16_to_f32(bits: np.ndarray) -> np.ndarray:

@@ -387,7 +387,7 @@ def _stored(path, gguf, tensor, heads) -> Stored:
         block = data[start:stop] if order is None else data[order[start:stop]]
         return values(block, (stop - start, *shape[1:]))
 
-    return Stored(kind, shape, tensor.nbytes, load, rows)
+    return Stored(kind, shape, tensor.nbytes, load, rows, view=heads is None and kind in DIRECT)
 
 
 def unpermute(path: str, name: str, w: np.ndarray, n_head: int) -> np.ndarray:

@@ -317,7 +317,7 @@ def joined_rows(pieces: list[Stored], shape: tuple) -> Stored:
     def load():
         return np.concatenate([piece.load() for piece in pieces])  # [O, D]
 
-    return Stored(pieces[0].dtype, shape, sum(p.nbytes for p in pieces), load, rows)
+    return Stored(pieces[0].dtype, shape, sum(p.nbytes for p in pieces), load, rows, view=False)
 
 
 def joined_columns(pieces: list[Stored], shape: tuple) -> Stored:
@@ -328,7 +328,7 @@ def joined_columns(pieces: list[Stored], shape: tuple) -> Stored:
     def load():
         return np.concatenate([piece.load() for piece in pieces], axis=1)  # [O, D]
 
-    return Stored(pieces[0].dtype, shape, sum(p.nbytes for p in pieces), load, rows)
+    return Stored(pieces[0].dtype, shape, sum(p.nbytes for p in pieces), load, rows, view=False)
 
 
 def unpermuted(stored: Stored, n_heads: int) -> Stored:
@@ -345,4 +345,4 @@ def unpermuted(stored: Stored, n_heads: int) -> Stored:
     def load():
         return stored.load()[order]  # [O, D]
 
-    return Stored(stored.dtype, stored.shape, stored.nbytes, load, rows)
+    return Stored(stored.dtype, stored.shape, stored.nbytes, load, rows, view=False)
