@@ -351,6 +351,23 @@ def dram_bandwidth():
     return a.nbytes / best / 1e9
 
 
+def widening_and_blas():
+    """(seconds per element of NumPy's float16 -> float32 astype, float32 GEMM GFLOP/s of a 128-row prompt product):
+    the denominators of the goals, measured on one 11008 x 4096 matrix, best of 3."""
+    w16 = (np.random.default_rng(0).standard_normal((11008, 4096), dtype=np.float32) * 0.02).astype(np.float16)
+    astype = min(timed(lambda: w16.astype(np.float32))[1] for _ in range(3)) / w16.size
+    w32, x = w16.astype(np.float32), np.ones((128, 4096), np.float32)
+    gemm = min(timed(lambda: x @ w32.T)[1] for _ in range(3))
+    return astype, 2 * 128 * w32.size / gemm / 1e9
+
+
+def matrix_parameters(shape_name):
+    """Weights in the model's matrices (what a forward widens): embeddings excluded, lm_head included."""
+    family, sizes, _, _, _ = SHAPES[shape_name]
+    tensors = llama_tensors(sizes) if family == "llama" else opt_tensors(sizes)
+    return sum(int(np.prod(shape)) for name, shape, _ in tensors if len(shape) == 2 and "embed" not in name)
+
+
 def disk_bandwidth(path):
     """GB/s reading the start of the checkpoint's first file, evicted from the page cache by what was written after
     it (the file is larger than what the cache can hold); measured on 4 GiB."""
@@ -420,8 +437,10 @@ def main(argv=None):
     shapes = args.shapes.split(",") + (["13b-fp16"] if args.huge and "13b-fp16" not in args.shapes else [])
     wanted = args.rows.split(",")
     bandwidth = dram_bandwidth()
-    print(f"DRAM read bandwidth: {bandwidth:.1f} GB/s", flush=True)
-    rows, disk = [], None
+    astype_per_element, gflops = widening_and_blas()
+    print(f"DRAM read bandwidth: {bandwidth:.1f} GB/s; NumPy fp16->fp32 astype {1e-9 / astype_per_element:.2f} "
+          f"G elements/s; float32 GEMM (128 rows) {gflops:.0f} GFLOP/s", flush=True)
+    rows, disk, goal_rows = [], None, []
     base = tempfile.mkdtemp(prefix="refimpl-scale-", dir=args.dir)
     try:
         for shape_name in shapes:
@@ -434,6 +453,11 @@ def main(argv=None):
                 disk = disk_bandwidth(folder)
                 print(f"  larger than available memory: disk read {disk:.2f} GB/s", flush=True)
             kind = SHAPES[shape_name][2]
+            params = matrix_parameters(shape_name)
+            goals = {"astype_s": params * astype_per_element, "blas_pp_tok_s": gflops * 1e9 / (2 * params)}
+            print(f"  whole-model astype(float32) {goals['astype_s']:.1f} s; BLAS limit of a 128-token prompt "
+                  f"{goals['blas_pp_tok_s']:.1f} tok/s", flush=True)
+            goal_rows.append((shape_name, goals))
             for row in wanted:
                 if row.startswith("torch") and row not in (TORCH_DTYPE.get(kind), "torch-fp32"):
                     continue  # transformers in the checkpoint's own dtype, and fp32 (where it fits)
@@ -450,6 +474,10 @@ def main(argv=None):
         shutil.rmtree(base, ignore_errors=True)
     print()
     print_table(rows, bandwidth, disk)
+    for shape_name, goals in goal_rows:
+        print(f"{shape_name}: one whole-model astype(float32) {goals['astype_s']:.1f} s (refimpl decode goal: at most "
+              f"half, {goals['astype_s'] / 2:.1f} s); BLAS limit of a 128-token prompt {goals['blas_pp_tok_s']:.1f} "
+              f"tok/s (goal: at least half)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump([{"shape": s, "row": r, **v} for s, r, v in rows], f, indent=1)
