@@ -17,7 +17,7 @@ import json
 import warnings
 from pathlib import Path
 
-from .added_tokens import read_json
+from .added_tokens import SPECIAL_TOKEN_NAMES, check_special_token
 from .base import Tokenizer, check_text
 from .errors import (
     InputTypeError,
@@ -28,6 +28,7 @@ from .errors import (
     TokenizerUsageError,
     UnsupportedTokenizerError,
 )
+from .files import expect, read_json, summary
 from .gpt2_bpe import GPT2Tokenizer, read_merges, read_vocab
 from .streaming import StreamDecoder
 from .tokenizer_json import LlamaJsonTokenizer, read_gpt2_tokenizer_json
@@ -62,6 +63,15 @@ OVERRIDES = {
     "legacy", "add_bos_token", "add_eos_token", "add_prefix_space", "padding_side", "clean_up_tokenization_spaces",
     "bos_token", "eos_token", "unk_token", "pad_token", "additional_special_tokens",
 }
+# The tokenizer_config.json fields we read that are not tokens, with the JSON types each may have. null means
+# "not set" where transformers takes it so (a null add_bos_token is falsy there too). Tokens (bos_token, ...,
+# additional_special_tokens) are checked by check_special_token.
+NULL = type(None)
+SETTING_TYPES = {
+    "tokenizer_class": (str, NULL), "legacy": (bool, NULL), "add_bos_token": (bool, NULL),
+    "add_eos_token": (bool, NULL), "add_prefix_space": (bool, NULL), "clean_up_tokenization_spaces": (bool, NULL),
+    "padding_side": (str,), "errors": (str,), "sp_model_kwargs": (dict, NULL), "added_tokens_decoder": (dict,),
+}
 
 
 def load_tokenizer(path, **overrides) -> Tokenizer:
@@ -74,11 +84,30 @@ def load_tokenizer(path, **overrides) -> Tokenizer:
     if unknown:
         raise InputTypeError(f"load_tokenizer() got unknown keyword arguments {sorted(unknown)}; "
                              f"known: {sorted(OVERRIDES)}")
-    config = read_json(folder / "tokenizer_config.json") if (folder / "tokenizer_config.json").is_file() else {}
+    config_file = folder / "tokenizer_config.json"
+    config = check_settings(read_json(config_file), config_file) if config_file.is_file() else {}
+    try:
+        check_settings(overrides, "load_tokenizer()")
+    except TokenizerFileError as e:
+        raise TokenizerUsageError(str(e)) from None
     family = _family(folder, config)
     if family == "llama":
         return _load_llama(folder, config, overrides)
     return _load_gpt2(folder, config, overrides)
+
+
+def check_settings(settings: dict, where) -> dict:
+    """settings (tokenizer_config.json or keyword overrides), if each field we read has a type transformers takes;
+    else a TokenizerFileError naming where, the field and the value."""
+    for name, value in settings.items():
+        if name in SETTING_TYPES:
+            expect(value, SETTING_TYPES[name], where, name)
+        elif name in (*SPECIAL_TOKEN_NAMES, "additional_special_tokens"):
+            check_special_token(name, value, where)
+    side = settings.get("padding_side", "right")
+    if side not in ("left", "right"):
+        raise TokenizerFileError(f"{where}: padding_side must be 'left' or 'right', got {summary(side)}")
+    return settings
 
 
 def _family(folder: Path, config: dict) -> str:
@@ -87,14 +116,16 @@ def _family(folder: Path, config: dict) -> str:
     if name is not None:
         if name not in CLASSES:
             raise UnsupportedTokenizerError(
-                f"{folder / 'tokenizer_config.json'}: tokenizer_class {name!r} is not supported; "
+                f"{folder / 'tokenizer_config.json'}: tokenizer_class {summary(name)} is not supported; "
                 f"supported: {sorted(CLASSES)}"
             )
         return CLASSES[name]
     model_type = _model_type(folder)
     if model_type is not None:
         if model_type not in MODEL_TYPES:
-            raise UnsupportedTokenizerError(f"{folder / 'config.json'}: model_type {model_type!r}: no tokenizer for it")
+            raise UnsupportedTokenizerError(
+                f"{folder / 'config.json'}: model_type {summary(model_type)}: no tokenizer for it"
+            )
         return MODEL_TYPES[model_type]
     if (folder / "tokenizer.model").is_file():
         return "llama"
@@ -102,10 +133,10 @@ def _family(folder: Path, config: dict) -> str:
         return "gpt2"
     if (folder / "tokenizer.json").is_file():
         data = read_json(folder / "tokenizer.json")
-        model = data.get("model") if isinstance(data.get("model"), dict) else {}
-        if model.get("type") == "BPE" and model.get("byte_fallback"):
+        model, pre = data.get("model"), data.get("pre_tokenizer")
+        if isinstance(model, dict) and model.get("type") == "BPE" and model.get("byte_fallback"):
             return "llama"
-        if (data.get("pre_tokenizer") or {}).get("type") == "ByteLevel":
+        if isinstance(pre, dict) and pre.get("type") == "ByteLevel":
             return "gpt2"
         raise UnsupportedTokenizerError(f"{folder / 'tokenizer.json'}: neither a Llama nor a GPT-2 style tokenizer")
     raise TokenizerFileError(
@@ -119,7 +150,8 @@ def _model_type(folder: Path) -> str | None:
             config = json.load(f)
     except (OSError, ValueError):
         return None  # config.json only helps to guess; the files present decide otherwise
-    return config.get("model_type") if isinstance(config, dict) else None
+    model_type = config.get("model_type") if isinstance(config, dict) else None
+    return model_type if isinstance(model_type, str) else None
 
 
 def _load_llama(folder: Path, config: dict, overrides: dict) -> Tokenizer:

@@ -11,13 +11,13 @@ tokenization_utils.py:424-441).
 from __future__ import annotations
 
 import functools
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping
 
 from .errors import TokenizerFileError
+from .files import expect, read_json, summary, token_id
 
 # The order in which transformers adds special tokens that are not yet in the vocabulary (SPECIAL_TOKENS_ATTRIBUTES).
 SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
@@ -35,30 +35,21 @@ class AddedToken:
     normalized: bool = True  # fast tokenizers: match in the normalized text instead of the raw text
 
 
+FLAGS = ("lstrip", "rstrip", "single_word", "normalized", "special")
+
+
 def added_token_from_json(value, where: str, special: bool | None = None) -> AddedToken:
-    """A token as config files store it: a plain string or {"content": ..., "lstrip": ..., ...}."""
+    """A token as config files store it: a plain string or {"content": ..., "lstrip": ..., ...}, flags true/false."""
     if isinstance(value, str):
         return AddedToken(value, special=bool(special))
-    if isinstance(value, dict) and isinstance(value.get("content"), str):
-        flags = {k: bool(value[k]) for k in ("lstrip", "rstrip", "single_word", "normalized", "special") if k in value}
-        if special is not None:
-            flags["special"] = special
-        return AddedToken(value["content"], **flags)
-    raise TokenizerFileError(f"{where}: expected a token string or an object with a 'content' string, got {value!r}")
-
-
-def read_json(path: Path, what: str = "object"):
-    """json.load with errors that name the file."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except FileNotFoundError:
-        raise TokenizerFileError(f"{path}: file not found") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise TokenizerFileError(f"{path}: cannot read it as JSON ({e})") from None
-    if what == "object" and not isinstance(data, dict):
-        raise TokenizerFileError(f"{path}: expected a JSON object, got {type(data).__name__}")
-    return data
+    if not isinstance(value, dict) or not isinstance(value.get("content"), str):
+        raise TokenizerFileError(
+            f"{where}: expected a token string or an object with a 'content' string, got {summary(value)}"
+        )
+    flags = {k: expect(value[k], (bool,), where, k) for k in FLAGS if k in value}
+    if special is not None:
+        flags["special"] = special
+    return AddedToken(value["content"], **flags)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -100,8 +91,8 @@ def declared_added_tokens(folder: Path, config: dict, special_names: dict) -> di
     if "added_tokens_decoder" in config:
         table = config["added_tokens_decoder"]
         if not isinstance(table, dict):
-            raise TokenizerFileError(f"{where}: added_tokens_decoder must be an object, got {table!r}")
-        return {_int_id(i, where): added_token_from_json(v, f"{where}: added_tokens_decoder[{i}]")
+            raise TokenizerFileError(f"{where}: added_tokens_decoder must be an object, got {summary(table)}")
+        return {token_id(i, where, "added_tokens_decoder key", as_key=True): _decoder_entry(i, v, where)
                 for i, v in table.items()}
     declared = {}
     if (folder / "added_tokens.json").is_file():
@@ -110,21 +101,24 @@ def declared_added_tokens(folder: Path, config: dict, special_names: dict) -> di
         for content, i in read_json(folder / "added_tokens.json").items():
             special = content in specials
             token = AddedToken(content, special=special, normalized=not special)
-            declared[_int_id(i, folder / "added_tokens.json")] = token
+            declared[token_id(i, folder / "added_tokens.json", f"the id of {summary(content)}")] = token
     elif (folder / "tokenizer.json").is_file():
         declared = tokenizer_json_added_tokens(read_json(folder / "tokenizer.json"), folder / "tokenizer.json")
     return declared
 
 
+def _decoder_entry(key: str, value, where) -> AddedToken:
+    """One added_tokens_decoder value: an object, as transformers requires there (not a plain string)."""
+    name = f"added_tokens_decoder[{summary(key)}]"
+    return added_token_from_json(expect(value, (dict,), where, name), f"{where}: {name}")
+
+
 def tokenizer_json_added_tokens(data: dict, where: Path) -> dict[int, AddedToken]:
-    entries = data.get("added_tokens") or []
-    if not isinstance(entries, list):
-        raise TokenizerFileError(f"{where}: added_tokens must be a list, got {entries!r}")
     out = {}
-    for entry in entries:
+    for entry in expect(data.get("added_tokens", []), (list,), where, "added_tokens"):
         if not isinstance(entry, dict) or "id" not in entry:
-            raise TokenizerFileError(f"{where}: an added token needs an 'id' and a 'content', got {entry!r}")
-        out[_int_id(entry["id"], where)] = added_token_from_json(entry, f"{where}: added_tokens")
+            raise TokenizerFileError(f"{where}: an added token needs an 'id' and a 'content', got {summary(entry)}")
+        out[token_id(entry["id"], where, "added_tokens id")] = added_token_from_json(entry, f"{where}: added_tokens")
     return out
 
 
@@ -137,7 +131,7 @@ def special_token_names(folder: Path, config: dict, defaults: dict, overrides: d
     if "added_tokens_decoder" not in config and special_map.is_file():
         for k, v in read_json(special_map).items():
             if k in (*SPECIAL_TOKEN_NAMES, "additional_special_tokens") and not overrides.get(k):
-                names[k] = v
+                names[k] = check_special_token(k, v, special_map)
     names.update({k: v for k, v in overrides.items() if k in (*SPECIAL_TOKEN_NAMES, "additional_special_tokens")})
     return names
 
@@ -175,15 +169,20 @@ def build_special_tokens(
     return SpecialTokens(by_id=by_id, named=named, additional=additional)
 
 
+def check_special_token(name: str, value, where):
+    """value of bos_token, ..., or additional_special_tokens as a file gives it: a token (string or object) or
+    null; for additional_special_tokens a list of tokens, or null."""
+    if name != "additional_special_tokens":
+        if value is not None:
+            added_token_from_json(value, f"{where}: {name}")  # raises if it is not a token
+        return value
+    for i, item in enumerate(expect(value, (list, type(None)), where, name) or []):
+        added_token_from_json(item, f"{where}: {name}[{i}]")
+    return value
+
+
 def _content(value) -> str:
     return value if isinstance(value, str) else value.get("content", "")
-
-
-def _int_id(value, where) -> int:
-    try:
-        return int(value)
-    except (TypeError, ValueError):
-        raise TokenizerFileError(f"{where}: token id {value!r} is not an integer") from None
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ import numpy as np
 from .added_tokens import SpecialTokens
 from .cleanup import clean_up_tokenization
 from .errors import InputTypeError, InvalidTextError, InvalidTokenIdError, TokenizerUsageError
+from .files import summary
 from .streaming import StreamDecoder, incomplete_utf8_tail
 
 
@@ -76,7 +77,7 @@ class Tokenizer:
         rows = [self.encode(t, add_special_tokens=add_special_tokens) for t in ([texts] if single else texts)]
         side = self.padding_side if padding_side is None else padding_side
         if side not in ("left", "right"):
-            raise TokenizerUsageError(f"padding_side must be 'left' or 'right', got {side!r}")
+            raise TokenizerUsageError(f"padding_side must be 'left' or 'right', got {summary(side)}")
         target = _padded_length(rows, padding, max_length)
         if target is not None:
             if self.pad_token_id is None:
@@ -89,7 +90,7 @@ class Tokenizer:
         if return_tensors is None:
             return {k: v[0] for k, v in out.items()} if single else out
         if return_tensors != "np":
-            raise TokenizerUsageError(f"return_tensors must be 'np' or None, got {return_tensors!r}")
+            raise TokenizerUsageError(f"return_tensors must be 'np' or None, got {summary(return_tensors)}")
         if len({len(r) for r in rows}) > 1:
             raise TokenizerUsageError("rows have different lengths; pass padding=True to make an array")
         return {k: np.array(v, dtype=np.int64).reshape(len(v), -1) for k, v in out.items()}
@@ -195,13 +196,13 @@ class Tokenizer:
                 raise InputTypeError(f"decode takes one sequence of ids, got an array of shape {ids.shape}")
             ids = ids.reshape(-1).tolist()
         elif isinstance(ids, (str, bytes)):
-            raise InputTypeError(f"decode takes token ids, not {type(ids).__name__} {ids!r:.60}")
+            raise InputTypeError(f"decode takes token ids, not {type(ids).__name__} {summary(ids)}")
         elif not isinstance(ids, (list, tuple, range)):
             ids = [ids]  # a single id, as transformers allows
         out = []
         for i in ids:
             if isinstance(i, (bool, np.bool_)) or not hasattr(i, "__index__"):
-                raise InputTypeError(f"token ids must be integers, got {i!r} ({type(i).__name__})")
+                raise InputTypeError(f"token ids must be integers, got {summary(i)} ({type(i).__name__})")
             i = operator.index(i)
             if not self._known_id(i):
                 raise InvalidTokenIdError(f"token id {i} is out of range: this vocabulary has ids 0..{len(self) - 1}")
@@ -215,7 +216,7 @@ class Tokenizer:
 def check_text(text) -> str:
     """Text must be a str that can be written as UTF-8 (no lone surrogates)."""
     if not isinstance(text, str):
-        raise InputTypeError(f"text must be a str, got {type(text).__name__}: {text!r:.60}")
+        raise InputTypeError(f"text must be a str, got {type(text).__name__}: {summary(text)}")
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as e:
@@ -232,13 +233,15 @@ def _padded_length(rows: list[list[int]], padding, max_length) -> int | None:
         return max((len(r) for r in rows), default=0)
     if padding == "max_length":
         if not isinstance(max_length, int) or max_length < 0:
-            raise TokenizerUsageError(f"padding='max_length' needs a max_length >= 0, got {max_length!r}")
+            raise TokenizerUsageError(f"padding='max_length' needs a max_length >= 0, got {summary(max_length)}")
         too_long = [len(r) for r in rows if len(r) > max_length]
         if too_long:
             raise TokenizerUsageError(f"a row has {too_long[0]} ids, more than max_length={max_length} "
                                       "(there is no truncation)")
         return max_length
-    raise TokenizerUsageError(f"padding must be True, False, 'longest', 'max_length' or 'do_not_pad', got {padding!r}")
+    raise TokenizerUsageError(
+        f"padding must be True, False, 'longest', 'max_length' or 'do_not_pad', got {summary(padding)}"
+    )
 
 
 def _pad(row: list[int], length: int, pad_id: int, side: str) -> tuple[list[int], list[int]]:

@@ -10,7 +10,8 @@ from ..errors import RefimplError
 
 
 class TokenizerFileError(RefimplError):
-    """A tokenizer file is missing, unreadable or malformed. The message names the file."""
+    """A tokenizer file is missing, unreadable or malformed, or a field has the wrong type. The message names the
+    file, the field and a bounded summary of the bad value (files.summary)."""
 
 
 class UnsupportedTokenizerError(TokenizerFileError):
@@ -18,7 +19,8 @@ class UnsupportedTokenizerError(TokenizerFileError):
 
 
 class InvalidTokenIdError(RefimplError):
-    """An id passed to decode is outside the vocabulary. The message names the id and the valid range."""
+    """An id passed to decode is outside the vocabulary (the message names the id and the valid range), or, with
+    a GPT-2 tokenizer_config.json that says errors="strict", the ids decode to bytes that are not UTF-8."""
 
 
 class InvalidTextError(RefimplError):

@@ -18,20 +18,18 @@ import sys
 import unicodedata
 from pathlib import Path
 
-from .added_tokens import (
-    build_special_tokens,
-    declared_added_tokens,
-    read_json,
-    special_token_names,
-    split_on_added_tokens,
-)
+from .added_tokens import build_special_tokens, declared_added_tokens, special_token_names, split_on_added_tokens
 from .base import Tokenizer
-from .errors import TokenizerFileError
+from .errors import InvalidTokenIdError, TokenizerFileError
+from .files import check_vocab, read_json, summary
 
 # GPT2Tokenizer's class defaults; OPT's tokenizer_config.json overrides them.
 GPT2_DEFAULTS = {
     "bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>", "pad_token": None,
 }
+
+# The errors= values bytes.decode takes (codecs' decoding error handlers)
+DECODE_ERRORS = ("replace", "strict", "ignore", "backslashreplace", "surrogateescape")
 
 # What the regex module's \s matches: Unicode's White_Space property. Python's re \s (str.isspace) also
 # matches \x1c-\x1f, so "\s" cannot be used here. U+180E stopped being whitespace in Unicode 6.3.
@@ -124,11 +122,8 @@ def _merge_pair(i: int, rank: int, symbols: list, nxt: list[int], prv: list[int]
 
 
 def read_vocab(path: Path) -> dict[str, int]:
-    vocab = read_json(path)
-    bad = next((k for k, v in vocab.items() if not isinstance(v, int) or isinstance(v, bool)), None)
-    if bad is not None:
-        raise TokenizerFileError(f"{path}: the id of {bad!r} is {vocab[bad]!r}, not an integer")
-    return vocab
+    """vocab.json: an object of token -> id, every id a non-negative integer."""
+    return check_vocab(read_json(path), path)
 
 
 def read_merges(path: Path) -> list[tuple[str, ...]]:
@@ -140,8 +135,12 @@ def read_merges(path: Path) -> list[tuple[str, ...]]:
     except FileNotFoundError:
         raise TokenizerFileError(f"{path}: file not found") from None
     except (OSError, UnicodeDecodeError) as e:
-        raise TokenizerFileError(f"{path}: cannot read it as UTF-8 text ({e})") from None
-    return [tuple(line.split()) for line in lines]
+        raise TokenizerFileError(f"{path}: cannot read it as UTF-8 text ({str(e)[:200]})") from None
+    merges = [tuple(line.split()) for line in lines]
+    for number, merge in enumerate(merges, start=2):
+        if len(merge) not in (0, 2):  # transformers would keep it as a merge that never matches; a blank line is one
+            raise TokenizerFileError(f"{path}: line {number} is {summary(lines[number - 2])}, not two tokens")
+    return merges
 
 
 class GPT2Tokenizer(Tokenizer):
@@ -158,7 +157,10 @@ class GPT2Tokenizer(Tokenizer):
         # OPT: add_bos_token=True with bos "</s>", so "A photo" encodes as [2, ...] (tokenization_gpt2.py:229-240)
         self.add_bos_token = bool(settings.get("add_bos_token", False))
         self.add_prefix_space = bool(settings.get("add_prefix_space", False))
-        self.errors = settings.get("errors", "replace")
+        self.errors = settings.get("errors", "replace")  # bytes.decode's errors=, with which decode turns bytes to text
+        if self.errors not in DECODE_ERRORS:
+            raise TokenizerFileError(f"{folder / 'tokenizer_config.json'}: errors must be one of {DECODE_ERRORS}, "
+                                     f"got {summary(self.errors)}")
         self.padding_side = settings.get("padding_side", "right")
         self.clean_up_tokenization_spaces = bool(settings.get("clean_up_tokenization_spaces", False))
         names = special_token_names(folder, config, GPT2_DEFAULTS, overrides)
@@ -205,7 +207,12 @@ class GPT2Tokenizer(Tokenizer):
         return tok.content if tok is not None else self.decoder[i]
 
     def _tokens_to_string(self, tokens: list[str]) -> str:
-        return self._bytes_of("".join(tokens)).decode("utf-8", errors=self.errors)
+        data = self._bytes_of("".join(tokens))
+        try:
+            return data.decode("utf-8", errors=self.errors)
+        except UnicodeDecodeError as e:  # only with errors="strict"
+            raise InvalidTokenIdError(f"the ids decode to bytes that are not UTF-8 ({summary(data[e.start:e.end])} at "
+                                      f"byte {e.start}), and this tokenizer has errors='strict'") from None
 
     def _token_bytes(self, i: int) -> bytes | None:
         token = self._id_to_token(i)
@@ -216,5 +223,5 @@ class GPT2Tokenizer(Tokenizer):
             return bytes(self._char_to_byte[c] for c in chars)
         except KeyError as e:
             raise TokenizerFileError(
-                f"{self.source}: token text {chars!r} has {e.args[0]!r}, which is not in GPT-2's byte alphabet"
+                f"{self.source}: token text {summary(chars)} has {e.args[0]!r}, which is not in GPT-2's byte alphabet"
             ) from None

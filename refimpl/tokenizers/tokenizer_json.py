@@ -13,56 +13,59 @@ from __future__ import annotations
 import heapq
 from pathlib import Path
 
-from .added_tokens import (
-    build_special_tokens,
-    longest_match_split,
-    read_json,
-    special_token_names,
-    tokenizer_json_added_tokens,
-)
+from .added_tokens import build_special_tokens, longest_match_split, special_token_names, tokenizer_json_added_tokens
 from .base import Tokenizer
 from .errors import TokenizerFileError, UnsupportedTokenizerError
+from .files import check_vocab, expect, field, read_json, summary
 from .llama import LLAMA_DEFAULTS
+
+NULL = type(None)
 
 
 def read_bpe_model(data: dict, where: Path, byte_level: bool) -> tuple[dict[str, int], list[tuple[str, str]], dict]:
-    """The "model" section: vocab, merges (as "a b" strings or [a, b] pairs) and options, checked."""
-    model = data.get("model")
-    if not isinstance(model, dict) or model.get("type") != "BPE":
-        kind = model.get("type") if isinstance(model, dict) else model
-        raise UnsupportedTokenizerError(f"{where}: model type {kind!r} is not supported, only 'BPE'")
-    if model.get("dropout") not in (None, 0, 0.0):
-        raise UnsupportedTokenizerError(f"{where}: BPE dropout {model['dropout']!r} is not supported (random)")
+    """The "model" section: vocab, merges (as "a b" strings or [a, b] pairs) and options, each of its JSON type."""
+    model = expect(data.get("model"), (dict,), where, "model")
+    if model.get("type") != "BPE":
+        kind = summary(model.get("type"))
+        raise UnsupportedTokenizerError(f"{where}: model type {kind} is not supported, only 'BPE'")
+    dropout = field(model, "dropout", (int, float, NULL), where, prefix="model.")
+    if dropout not in (None, 0, 0.0):
+        raise UnsupportedTokenizerError(f"{where}: BPE dropout {summary(dropout)} is not supported (random)")
     for option in ("continuing_subword_prefix", "end_of_word_suffix"):
-        if model.get(option):
-            raise UnsupportedTokenizerError(f"{where}: BPE option {option}={model[option]!r} is not supported")
+        if field(model, option, (str, NULL), where, prefix="model."):
+            raise UnsupportedTokenizerError(f"{where}: BPE option {option}={summary(model[option])} is not supported")
+    for option in ("byte_fallback", "fuse_unk", "ignore_merges"):
+        field(model, option, (bool, NULL), where, prefix="model.")
+    field(model, "unk_token", (str, NULL), where, prefix="model.")
     if byte_level and model.get("byte_fallback"):
         raise UnsupportedTokenizerError(f"{where}: byte_fallback in a byte-level BPE is not supported")
-    vocab, merges = model.get("vocab"), model.get("merges")
-    if not isinstance(vocab, dict) or not isinstance(merges, list):
-        raise TokenizerFileError(f"{where}: model.vocab must be an object and model.merges a list")
-    pairs = []
-    for merge in merges:
-        pair = tuple(merge.split(" ")) if isinstance(merge, str) else tuple(merge) if isinstance(merge, list) else ()
-        if len(pair) != 2 or any(p not in vocab for p in pair) or pair[0] + pair[1] not in vocab:
-            raise TokenizerFileError(f"{where}: merge {merge!r} is not two tokens whose join is in the vocabulary")
-        pairs.append(pair)
+    vocab = check_vocab(field(model, "vocab", (dict,), where, prefix="model."), where, "model.vocab: ")
+    pairs = [_merge_pair(merge, vocab, where) for merge in field(model, "merges", (list,), where, prefix="model.")]
     return vocab, pairs, model
+
+
+def _merge_pair(merge, vocab: dict, where: Path) -> tuple[str, str]:
+    """One entry of model.merges: "a b" or ["a", "b"], two tokens whose join is in the vocabulary too."""
+    pair = merge.split(" ") if isinstance(merge, str) else merge if isinstance(merge, list) else []
+    if len(pair) != 2 or not all(isinstance(p, str) and p in vocab for p in pair) or pair[0] + pair[1] not in vocab:
+        raise TokenizerFileError(f"{where}: merge {summary(merge)} is not two tokens whose join is in the vocabulary")
+    return pair[0], pair[1]
 
 
 def read_gpt2_tokenizer_json(path: Path) -> tuple[dict[str, int], list[tuple[str, str]], bool]:
     """vocab, merges and add_prefix_space of a GPT-2 style byte-level BPE tokenizer.json."""
     data = read_json(path)
     vocab, merges, _ = read_bpe_model(data, path, byte_level=True)
-    pre = data.get("pre_tokenizer") or {}
-    if pre.get("type") != "ByteLevel" or not pre.get("use_regex", True):
-        raise UnsupportedTokenizerError(f"{path}: pre_tokenizer {pre.get('type')!r} is not GPT-2's ByteLevel")
-    if data.get("normalizer") is not None:
-        raise UnsupportedTokenizerError(f"{path}: normalizer {data['normalizer'].get('type')!r} is not supported here")
-    decoder = data.get("decoder") or {}
+    pre = field(data, "pre_tokenizer", (dict, NULL), path) or {}
+    if pre.get("type") != "ByteLevel" or not field(pre, "use_regex", (bool,), path, True, "pre_tokenizer."):
+        raise UnsupportedTokenizerError(f"{path}: pre_tokenizer {summary(pre.get('type'))} is not GPT-2's ByteLevel")
+    normalizer = field(data, "normalizer", (dict, NULL), path)
+    if normalizer is not None:
+        raise UnsupportedTokenizerError(f"{path}: normalizer {summary(normalizer.get('type'))} is not supported here")
+    decoder = field(data, "decoder", (dict, NULL), path) or {}
     if decoder.get("type") != "ByteLevel":
-        raise UnsupportedTokenizerError(f"{path}: decoder {decoder.get('type')!r} is not GPT-2's ByteLevel")
-    return vocab, merges, bool(pre.get("add_prefix_space", False))
+        raise UnsupportedTokenizerError(f"{path}: decoder {summary(decoder.get('type'))} is not GPT-2's ByteLevel")
+    return vocab, merges, field(pre, "add_prefix_space", (bool,), path, False, "pre_tokenizer.")
 
 
 def bpe_merge(symbols: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
@@ -99,18 +102,15 @@ class LlamaJsonTokenizer(Tokenizer):
         self.vocab, merges, model = read_bpe_model(data, path, byte_level=False)
         self.ranks = {pair: rank for rank, pair in enumerate(merges)}  # a repeated pair keeps its last rank
         self.id_to_token = {i: t for t, i in self.vocab.items()}
-        self.byte_fallback = bool(model.get("byte_fallback", False))
+        self.byte_fallback = bool(model.get("byte_fallback", False))  # read_bpe_model checked their types
         self.fuse_unk = bool(model.get("fuse_unk", False))
         self.ignore_merges = bool(model.get("ignore_merges", False))
         self.unk_token = model.get("unk_token")
         self.vocab_size = len(self.vocab)
-        try:
-            self.normalizers = _read_normalizers(data.get("normalizer"), path)
-            self.prepend_scheme = _read_pre_tokenizer(data.get("pre_tokenizer"), path)
-            self.decoders = _read_decoders(data.get("decoder"), path)
-            self._decoders_stream = _decoders_stream(self.decoders)
-        except (KeyError, TypeError, AttributeError) as e:
-            raise TokenizerFileError(f"{path}: malformed normalizer, pre_tokenizer or decoder ({e!r})") from None
+        self.normalizers = _read_normalizers(data.get("normalizer"), path)
+        self.prepend_scheme = _read_pre_tokenizer(data.get("pre_tokenizer"), path)
+        self.decoders = _read_decoders(data.get("decoder"), path)
+        self._decoders_stream = _decoders_stream(self.decoders)
         # LlamaTokenizerFast rebuilds the post-processor from add_bos_token/add_eos_token (update_post_processor),
         # so tokenizer.json's own post_processor is not used.
         self.add_bos_token = bool(settings.get("add_bos_token", True))
@@ -121,7 +121,8 @@ class LlamaJsonTokenizer(Tokenizer):
         declared = tokenizer_json_added_tokens(data, path)
         for tok in declared.values():
             if tok.lstrip or tok.rstrip or tok.single_word:
-                raise UnsupportedTokenizerError(f"{path}: added token {tok.content!r} uses lstrip/rstrip/single_word")
+                raise UnsupportedTokenizerError(f"{path}: added token {summary(tok.content)} uses lstrip/rstrip/"
+                                                "single_word")
         names = special_token_names(folder, config, LLAMA_DEFAULTS, overrides)
         self.specials = build_special_tokens(declared, names, self.vocab.get, self.vocab_size)
         self._raw_added = {t.content: i for i, t in self.specials.by_id.items() if not t.normalized}
@@ -189,7 +190,8 @@ class LlamaJsonTokenizer(Tokenizer):
                 unk_run = False
             elif self.unk_token is not None:
                 if self.unk_token not in self.vocab:
-                    raise TokenizerFileError(f"{self.source}: unk_token {self.unk_token!r} is not in the vocabulary")
+                    raise TokenizerFileError(f"{self.source}: unk_token {summary(self.unk_token)} is not in the "
+                                             "vocabulary")
                 if not (unk_run and self.fuse_unk):
                     symbols.append(self.unk_token)
                 unk_run = True
@@ -239,58 +241,79 @@ class LlamaJsonTokenizer(Tokenizer):
 # Pipeline components: the ones Llama's tokenizer.json uses, and nothing else
 # ---------------------------------------------------------------------------------------------------------------
 def _read_normalizers(spec, where: Path) -> list[tuple[str, str, str]]:
-    if spec is None:
+    if expect(spec, (dict, NULL), where, "normalizer") is None:
         return []
-    steps = spec.get("normalizers", []) if spec.get("type") == "Sequence" else [spec]
     out = []
-    for step in steps:
-        kind = step.get("type")
+    for name, step in _steps(spec, "normalizer", "normalizers", where):
+        kind, replace = step.get("type"), _replace_args(step, where, name)
         if kind == "Prepend":
-            out.append(("Prepend", step["prepend"], ""))
-        elif kind == "Replace" and set(step.get("pattern", {})) == {"String"}:
-            out.append(("Replace", step["pattern"]["String"], step["content"]))
+            out.append(("Prepend", field(step, "prepend", (str,), where, prefix=name + "."), ""))
+        elif kind == "Replace" and replace is not None:
+            out.append(("Replace", *replace))
         else:
             detail = " with a regex pattern" if kind == "Replace" else ""
-            raise UnsupportedTokenizerError(f"{where}: normalizer {kind!r}{detail} is not supported "
+            raise UnsupportedTokenizerError(f"{where}: normalizer {summary(kind)}{detail} is not supported "
                                             "(only Prepend, Replace)")
     return out
 
 
 def _read_pre_tokenizer(spec, where: Path) -> str | None:
     """None (no pre-tokenizer) or Metaspace's prepend_scheme."""
-    if spec is None:
+    if expect(spec, (dict, NULL), where, "pre_tokenizer") is None:
         return None
-    kind = spec.get("type")
-    if kind != "Metaspace" or spec.get("split", True) or spec.get("replacement") != "▁":
-        detail = f" with split={spec.get('split', True)!r}" if kind == "Metaspace" else ""
-        raise UnsupportedTokenizerError(f"{where}: pre_tokenizer {kind!r}{detail} is not supported "
+    kind, split = spec.get("type"), field(spec, "split", (bool,), where, True, "pre_tokenizer.")
+    if kind != "Metaspace" or split or spec.get("replacement") != "▁":
+        detail = f" with split={split!r}" if kind == "Metaspace" else ""
+        raise UnsupportedTokenizerError(f"{where}: pre_tokenizer {summary(kind)}{detail} is not supported "
                                         "(only Metaspace, split=False)")
-    scheme = spec.get("prepend_scheme", "always" if spec.get("add_prefix_space", True) else "never")
+    add_prefix_space = field(spec, "add_prefix_space", (bool,), where, True, "pre_tokenizer.")
+    default = "always" if add_prefix_space else "never"
+    scheme = field(spec, "prepend_scheme", (str,), where, default, "pre_tokenizer.")
     if scheme not in ("always", "first", "never"):
-        raise UnsupportedTokenizerError(f"{where}: Metaspace prepend_scheme {scheme!r} is not supported")
+        raise UnsupportedTokenizerError(f"{where}: Metaspace prepend_scheme {summary(scheme)} is not supported")
     return scheme
 
 
 def _read_decoders(spec, where: Path) -> list:
-    if spec is None:
+    if expect(spec, (dict, NULL), where, "decoder") is None:
         raise UnsupportedTokenizerError(f"{where}: no decoder: joining tokens with spaces is not supported")
-    steps = spec.get("decoders", []) if spec.get("type") == "Sequence" else [spec]
     out = []
-    for step in steps:
-        kind = step.get("type")
-        if kind == "Replace" and set(step.get("pattern", {})) == {"String"}:
-            out.append((_decode_replace, (step["pattern"]["String"], step["content"])))
+    for name, step in _steps(spec, "decoder", "decoders", where):
+        kind, replace = step.get("type"), _replace_args(step, where, name)
+        if kind == "Replace" and replace is not None:
+            out.append((_decode_replace, replace))
         elif kind == "ByteFallback":
             out.append((_decode_byte_fallback, ()))
         elif kind == "Fuse":
             out.append((_decode_fuse, ()))
         elif kind == "Strip":
-            out.append((_decode_strip, (step["content"], step.get("start", 0), step.get("stop", 0))))
+            content = field(step, "content", (str,), where, prefix=name + ".")
+            start, stop = (field(step, end, (int,), where, 0, name + ".") for end in ("start", "stop"))
+            out.append((_decode_strip, (content, start, stop)))
         else:
-            raise UnsupportedTokenizerError(
-                f"{where}: decoder {kind!r} is not supported (only Replace with a string, ByteFallback, Fuse, Strip)"
-            )
+            raise UnsupportedTokenizerError(f"{where}: decoder {summary(kind)} is not supported "
+                                            "(only Replace with a string, ByteFallback, Fuse, Strip)")
     return out
+
+
+def _steps(spec: dict, section: str, key: str, where: Path) -> list[tuple[str, dict]]:
+    """(name in the file, object) of each step of a normalizer or decoder: the one, or those of a Sequence."""
+    if spec.get("type") != "Sequence":
+        return [(section, spec)]
+    steps = field(spec, key, (list,), where, [], f"{section}.")
+    return [(f"{section}.{key}[{n}]", expect(step, (dict,), where, f"{section}.{key}[{n}]"))
+            for n, step in enumerate(steps)]
+
+
+def _replace_args(step: dict, where: Path, name: str) -> tuple[str, str] | None:
+    """(pattern, content) of a Replace step with a string pattern; None for a regex pattern (or any other step)."""
+    if step.get("type") != "Replace":
+        return None
+    pattern = field(step, "pattern", (dict,), where, prefix=name + ".")
+    if set(pattern) != {"String"}:
+        return None
+    return (field(pattern, "String", (str,), where, prefix=name + ".pattern."),
+            field(step, "content", (str,), where, prefix=name + "."))
 
 
 def _decoders_stream(decoders: list) -> bool:
