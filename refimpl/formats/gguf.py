@@ -106,10 +106,12 @@ class TensorInfo(NamedTuple):
     data: np.ndarray
 
 
-class StringArray(NamedTuple):
-    """A metadata array of strings, walked but not decoded (refimpl reads no vocabulary from a GGUF file)."""
+class MetadataArray(NamedTuple):
+    """A metadata array. Not a bare NumPy array, so that `value == "llama"` on a hostile file stays one bool."""
 
+    element_type: int  # a GGUF value type
     count: int
+    values: object  # numeric: a read-only NumPy view of the file; strings: None (walked, not decoded)
 
 
 def import_gguf():
@@ -192,7 +194,7 @@ class Cursor:
             raise self.fail(f"{summary(what)} is not UTF-8") from None
 
     def value(self, vtype: int, key: str):
-        """One metadata value: a Python scalar or str, a NumPy view for a numeric array, StringArray for strings."""
+        """One metadata value: a Python scalar or str, or a MetadataArray."""
         if vtype in SCALARS:
             return self.scalar(SCALARS[vtype], key)
         if vtype == STRING:
@@ -203,12 +205,12 @@ class Cursor:
         if etype in SCALARS:
             itemsize = struct.calcsize(SCALARS[etype])
             start = self.take(count * itemsize, key)  # checked against the file before anything is read
-            return self.buffer[start:start + count * itemsize].view(SCALARS[etype])
+            return MetadataArray(etype, count, self.buffer[start:start + count * itemsize].view(SCALARS[etype]))
         if etype != STRING:
             raise self.fail(f"metadata {summary(key)} is an array of type {etype} (arrays of arrays are not read)")
         return self.skip_strings(count, key)
 
-    def skip_strings(self, count: int, key: str) -> StringArray:
+    def skip_strings(self, count: int, key: str) -> MetadataArray:
         """Walk an array of `count` strings without decoding them: each holds at least its 8-byte length."""
         if count * 8 > self.end - self.pos or count > self.strings_left:
             raise self.fail(f"metadata {summary(key)} claims {count} strings, more than the file holds (or the "
@@ -219,7 +221,7 @@ class Cursor:
             if n > MAX_STRING:
                 raise self.fail(f"metadata {summary(key)} holds a string of {n} bytes (limit {MAX_STRING})")
             self.take(n, key)
-        return StringArray(count)
+        return MetadataArray(STRING, count, None)
 
     def tensor_info(self) -> tuple:
         """(name, dims in ggml order, ggml type number, offset from the data start)."""
@@ -274,14 +276,11 @@ def _tensor(path, gguf, buffer, name, dims, type_number, data_start, offset, ali
         raise CheckpointError(f"{path}: not a readable GGUF file: tensor {summary(name)} has bytes [{start}, "
                               f"{start + nbytes}), past the end of the file ({buffer.shape[0]} bytes): truncated?")
     kind = qtype.name
-    shape = tuple(reversed(dims))  # NumPy order
+    shape = check_shape(f"{path}: GGUF tensor {summary(name)}", tuple(reversed(dims)))  # NumPy order
     if kind in VIEWS:
-        check_shape(f"{path}: GGUF tensor {summary(name)}", shape, type_size)
         data = buffer[start:start + nbytes].view(VIEWS[kind]).reshape(shape)
-    else:  # rows of blocks, as gguf.quants.dequantize takes them
-        byte_shape = (*shape[:-1], row // block * type_size) if shape else (type_size,)
-        check_shape(f"{path}: GGUF tensor {summary(name)}", byte_shape, 1)
-        data = buffer[start:start + nbytes].reshape(byte_shape)
+    else:  # rows of blocks, as gguf.quants.dequantize takes them (fewer bytes than the values checked above)
+        data = buffer[start:start + nbytes].reshape((*shape[:-1], row // block * type_size) if shape else (type_size,))
     return TensorInfo(name, kind, qtype, dims, start, nbytes, data)
 
 
@@ -331,6 +330,8 @@ def _number(path, key, value, kind):
 
 def _rope_scaling(path, fields):
     kind = fields.get("llama.rope.scaling.type", "none")
+    if not isinstance(kind, str):
+        raise CheckpointError(f"{path}: GGUF rope scaling type is {summary(kind)}, not a string")
     factor = fields.get("llama.rope.scaling.factor", fields.get("llama.rope.scale_linear"))
     if kind == "none" and "llama.rope.scale_linear" in fields:
         kind = "linear"  # older GGUF files spell linear scaling as llama.rope.scale_linear

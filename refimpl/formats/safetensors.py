@@ -88,9 +88,8 @@ def _entry(path: str, name: str, info) -> tuple[str, tuple, int, int]:
     if not is_dims(offsets) or len(offsets) != 2 or offsets[0] > offsets[1]:
         raise CheckpointError(f"{path}: tensor {summary(name)} has data_offsets {summary(offsets)}, not [begin, end]")
     begin, end = offsets
-    itemsize = np.dtype(NUMPY_DTYPES[dtype]).itemsize
-    check_shape(f"{path}: tensor {summary(name)}", shape, itemsize)
-    needed = element_count(shape) * itemsize
+    check_shape(f"{path}: tensor {summary(name)}", shape)
+    needed = element_count(shape) * np.dtype(NUMPY_DTYPES[dtype]).itemsize
     if end - begin != needed:
         raise CheckpointError(f"{path}: tensor {summary(name)} ({dtype} {summary(shape)}) needs {needed} bytes, but "
                               f"its byte range [{begin}, {end}) holds {end - begin}")

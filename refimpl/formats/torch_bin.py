@@ -60,7 +60,7 @@ def rebuild_tensor(storage, storage_offset, size, stride):
         raise CheckpointError(f"a tensor has offset {summary(storage_offset)}, size {summary(size)}, stride "
                               f"{summary(stride)}: not sizes")
     itemsize = storage.data.itemsize
-    check_shape(f"a tensor of size {summary(size)}", size, itemsize)
+    check_shape(f"a tensor of size {summary(size)}", size)
     if any(s * itemsize > MAX_EXTENT for s in stride):
         raise CheckpointError(f"a tensor has stride {summary(stride)}, too large to index")
     count, numel = element_count(size), storage.data.shape[0]

@@ -13,7 +13,7 @@ import reprlib
 from ..errors import CheckpointError
 
 MAX_DIMS = 64  # NumPy's limit on ndim
-MAX_EXTENT = 2**62  # bytes: the largest (non-zero) dims times the item size must stay below what NumPy can index
+MAX_EXTENT = 2**62  # bytes: the non-zero dims times 8 (float64) must stay below what NumPy can index
 LAYER_INDEX = re.compile(r"0|[1-9][0-9]*")  # ASCII decimal without leading zeros: '0', '7', '31', never '07' or '٣'
 
 
@@ -72,12 +72,13 @@ def error_text(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {detail}"
 
 
-def check_shape(where: str, shape, itemsize: int) -> tuple:
-    """A shape read from a file -> tuple of ints, or CheckpointError when NumPy could not hold an array of it."""
+def check_shape(where: str, shape) -> tuple:
+    """A shape read from a file -> tuple of ints, or CheckpointError when NumPy could not hold its values widened to
+    float64 (8 bytes each, what the audit mode computes in), even with a zero among the dims."""
     if len(shape) > MAX_DIMS:
         raise CheckpointError(f"{where} has {len(shape)} dimensions; NumPy (and every real model) has at most "
                               f"{MAX_DIMS}")
-    extent = itemsize
+    extent = 8
     for dim in shape:
         extent *= max(dim, 1)
         if extent > MAX_EXTENT:
