@@ -280,6 +280,8 @@ HOSTILE_GGUF = {  # name -> (file bytes, what the message says)
                          "appears twice"),
     "unknown ggml type": (gguf_bytes(LLAMA_KV, [tensor_info("output_norm.weight", [4], 1000)], bytes(16)),
                           "ggml type 1000"),
+    "partial block": (gguf_bytes(LLAMA_KV, [tensor_info("output_norm.weight", [4], 8)], bytes(64)),
+                      "not whole Q8_0 blocks of 32"),
     "misaligned offset": (gguf_bytes(LLAMA_KV, [tensor_info("output_norm.weight", [4], 0, 4)], bytes(32)),
                           "not a multiple of the alignment"),
     "big-endian or v1": (b"GGUF" + struct.pack(">IQQ", 3, 0, 0), "version 50331648"),

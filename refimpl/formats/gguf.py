@@ -267,9 +267,12 @@ def _tensor(path, gguf, buffer, name, dims, type_number, data_start, offset, ali
         raise CheckpointError(f"{path}: GGUF tensor {summary(name)} has ggml type {type_number}, which the gguf "
                               "package does not know") from None
     row = dims[0] if dims else 1  # ggml's fastest dim: whole blocks of `block` values
-    if row % block or offset % alignment:
-        raise CheckpointError(f"{path}: GGUF tensor {summary(name)} has a row of {row} values for blocks of {block}, "
-                              f"or an offset {offset} not a multiple of the alignment {alignment}")
+    if row % block:
+        raise CheckpointError(f"{path}: GGUF tensor {summary(name)} has rows of {row} values, not whole "
+                              f"{qtype.name} blocks of {block}")
+    if offset % alignment:  # llama.cpp refuses such a file too
+        raise CheckpointError(f"{path}: GGUF tensor {summary(name)} has offset {offset}, not a multiple of the "
+                              f"alignment {alignment}")
     nbytes = element_count(dims) // block * type_size
     start = data_start + offset
     if start + nbytes > buffer.shape[0]:
