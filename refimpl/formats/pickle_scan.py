@@ -2,8 +2,8 @@
 
 pickle.Unpickler builds whatever a stream describes: a tuple nested a million deep (hashing it overflows the C
 stack), or, from a few hundred bytes of shared references (GET, DUP), a tuple whose hash and text are exponentially
-long. So data.pkl is first walked with pickletools.genops on an abstract stack that knows the few shapes torch.save
-writes (protocol 2; the protocol-4 opcodes for the same values are accepted too):
+long. So data.pkl is first walked opcode by opcode (with pickletools' table of opcodes and argument readers) on an
+abstract stack that knows the few shapes torch.save writes (protocol 2; protocol 4's opcodes for them too):
 
   the state dict     OrderedDict() or {}, SETITEM(S) with str keys; then BUILD of {'_metadata': {...}} on it
   a tensor           _rebuild_tensor_v2(storage, offset, size, stride, requires_grad, hooks[, metadata])
@@ -78,9 +78,9 @@ def check_state_dict_pickle(data: bytes, allowed_globals, storage_types) -> None
     try:
         for name, arg, position in opcodes(data):
             scan.step(name, arg, position)
-    except (ValueError, UnicodeDecodeError) as exc:  # a truncated argument, bad UTF-8 (CheckpointError passes)
-        if isinstance(exc, CheckpointError):
-            raise
+    except CheckpointError:
+        raise
+    except ValueError as exc:  # pickletools' readers: a truncated argument; bad UTF-8 (UnicodeDecodeError)
         raise CheckpointError(f"data.pkl is not a pickle ({type(exc).__name__}: {str(exc)[:120]})") from None
 
 
@@ -90,10 +90,12 @@ def opcodes(data: bytes):
     stream = io.BytesIO(data)
     for _ in range(MAX_OPS):
         position, code = stream.tell(), stream.read(1)
+        if not code:
+            raise CheckpointError("data.pkl ends before its STOP opcode")
         if code not in READABLE:
             what = f"the opcode {NAMES[code]}" if code in NAMES else f"the byte {code!r}, not an opcode,"
             raise CheckpointError(f"data.pkl has {what} at byte {position}, which a state dict never needs: "
-                                  "refused before unpickling" if code else "data.pkl ends before its STOP opcode")
+                                  "refused before unpickling")
         op = READABLE[code]
         if op.name == "GLOBAL":  # read as pickle reads it (pickletools would escape-decode it first)
             yield op.name, (_line(stream), _line(stream)), position
@@ -120,6 +122,7 @@ class _Scan:
         self.stack, self.marks, self.memo = [], [], {}
 
     def step(self, name, arg, position):
+        """One opcode: the ones that push a value here, the rest in structure()."""
         if name in ("BINUNICODE", "SHORT_BINUNICODE"):
             if len(arg) > MAX_STRING:
                 raise CheckpointError(f"data.pkl holds a string of {len(arg)} characters (limit {MAX_STRING})")
@@ -143,8 +146,8 @@ class _Scan:
             self.structure(name, arg, position)
 
     def structure(self, name, arg, position):
-        """The opcodes that combine values: calls, persistent ids, dict items, the memo, PROTO, STOP (genops reads
-        nothing after STOP, as pickle does; FRAME, a protocol-4 length prefix, needs nothing)."""
+        """The opcodes that combine values: calls, persistent ids, dict items, the memo, PROTO, STOP (opcodes()
+        reads nothing after STOP, as pickle does; FRAME, a protocol-4 length prefix, needs nothing)."""
         if name == "REDUCE":
             self.stack.append(self.call(*self.pop(2)))
         elif name == "BINPERSID":
