@@ -6,6 +6,7 @@ inf and nan (no "nnan"/"ninf"), because masked scores are finfo.min and removed 
 """
 from __future__ import annotations
 
+import hashlib
 import os
 
 import numba
@@ -14,6 +15,38 @@ from numba import prange  # noqa: F401  (re-exported for the kernel modules)
 
 FASTMATH = {"reassoc", "contract", "arcp", "nsz"}
 JIT_DISABLED = bool(int(os.environ.get("NUMBA_DISABLE_JIT", "0") or 0))
+KERNEL_FILES = ("jit.py", "kernels_cpu.py", "quant.py", "fused.py", "sampling.py")
+
+
+def drop_stale_cache(here=None):
+    """Numba keys a cached function on its own file only: fused.py's cached machine code keeps an old copy of a
+    kernel of quant.py after quant.py changes (a 7B fp16 decode kept running the old kernel, 2x slower). So when
+    any kernel file changes, every cached entry of accel/ is dropped and compiled anew."""
+    here = here or os.path.dirname(os.path.abspath(__file__))
+    digest = hashlib.sha256()
+    for name in KERNEL_FILES:
+        with open(os.path.join(here, name), "rb") as f:
+            digest.update(f.read())
+    cache, stamp = os.path.join(here, "__pycache__"), digest.hexdigest()
+    marker = os.path.join(cache, "kernels.sha256")
+    try:
+        with open(marker, encoding="ascii") as f:
+            if f.read() == stamp:
+                return
+    except OSError:
+        pass
+    try:
+        os.makedirs(cache, exist_ok=True)
+        for name in os.listdir(cache):
+            if name.endswith((".nbi", ".nbc")):
+                os.unlink(os.path.join(cache, name))
+        with open(marker, "w", encoding="ascii") as f:
+            f.write(stamp)
+    except OSError:  # a read-only install: Numba then caches elsewhere or not at all
+        pass
+
+
+drop_stale_cache()
 
 
 def njit(parallel=False, fastmath=False, inline="never"):

@@ -9,6 +9,7 @@ bit of exp/tanh/log1p (libm vs NumPy's SIMD code: 4 ulp allowed). Every output's
 Also run under NUMBA_DISABLE_JIT=1 (the kernels as plain Python): the shapes are kept small for that.
 """
 import math
+import os
 
 import numpy as np
 import pytest
@@ -338,3 +339,24 @@ def test_kernel_inputs_of_another_dtype_do_not_promote():
     assert_f32(k.attention_decode(q, kc, kc, 3, None, math.sqrt(8.0)),
                k.rms_norm(randn(rng, 2, 8), randn(rng, 8), 1e-5),
                k.masked_softmax_(randn(rng, 1, 1, 2, 3), np.zeros((1, 1, 2, 3), np.float32), np.float64(8.0) ** 0.5))
+
+
+def test_a_changed_kernel_file_drops_every_cached_entry(tmp_path):
+    """Numba keys a cache entry on its own file only; accel.jit drops all of accel's entries when any kernel file
+    changes, so fused.py never runs a stale copy of a quant.py kernel."""
+    import shutil
+
+    from accel import jit
+
+    here = os.path.dirname(jit.__file__)
+    for name in jit.KERNEL_FILES:
+        shutil.copy(os.path.join(here, name), tmp_path / name)
+    cache = tmp_path / "__pycache__"
+    jit.drop_stale_cache(str(tmp_path))
+    (cache / "fused.f-1.py311.nbi").write_bytes(b"index")
+    jit.drop_stale_cache(str(tmp_path))  # nothing changed: kept
+    assert (cache / "fused.f-1.py311.nbi").exists()
+    with open(tmp_path / "quant.py", "a") as f:
+        f.write("\n# changed\n")
+    jit.drop_stale_cache(str(tmp_path))
+    assert not (cache / "fused.f-1.py311.nbi").exists()
