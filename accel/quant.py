@@ -30,6 +30,7 @@ from .kernels_cpu import (ACT, ACT_CODES, ADD, GATED, ONE, STORE, ZERO, _act, _d
 
 FORMATS = ("fp32", "fp16", "bf16", "int8")
 QBLOCK = 32  # weights per Q8_0 block
+CONVERT_ELEMENTS = 1 << 22  # weights converted at a time when packing (16 MiB of float32)
 SMALL_M = 4  # rows up to which the matrix-vector kernels are used (above: BLAS on a float32 matrix)
 NO_BIAS = np.zeros(0, np.float32)
 EXACT_ACTS = (0, 2, 7, 8)  # linear, relu, relu2, relu6: no exp / tanh, Numba's epilogue is refimpl's bits
@@ -224,16 +225,26 @@ class Weight:
 
     @classmethod
     def from_array(cls, w, fmt, name="weight"):
-        """float32 [O, D] -> Weight in `fmt` (fp32 keeps the array, memory-mapped or not, without a copy)."""
+        """float32 [O, D] (an array or refimpl's StoredMatrix) -> Weight in `fmt` (fp32 keeps a writable float32
+        array as it is). Other formats convert CONVERT_ELEMENTS at a time into the packed arrays, so converting a
+        7B embedding needs its packed size plus a few MB, not the converters' float32 / uint64 temporaries."""
         if fmt == "fp32":
             return cls(fmt, writable(w))
-        if fmt == "int8":
-            return cls(fmt, *quantize_q8_0(w))
-        if fmt == "bf16":
-            return cls(fmt, to_bf16_bits(w))
-        if fmt == "fp16":
-            return cls(fmt, to_fp16_bits(w, name))
-        raise ConfigError(f"weights={fmt!r}: choose one of {', '.join(FORMATS)}")
+        if fmt not in FORMATS:
+            raise ConfigError(f"weights={fmt!r}: choose one of {', '.join(FORMATS)}")
+        O, D = w.shape
+        data = np.empty((O, D), np.int8 if fmt == "int8" else np.uint16)
+        scales = np.empty((O, -(-D // QBLOCK)), np.float32) if fmt == "int8" else None
+        step = max(1, CONVERT_ELEMENTS // max(D, 1))
+        for start in range(0, O, step):
+            rows = np.asarray(w[start:start + step], dtype=np.float32)  # [<= step, D], widened here when stored
+            if fmt == "int8":
+                data[start:start + step], scales[start:start + step] = quantize_q8_0(rows)
+            elif fmt == "bf16":
+                data[start:start + step] = to_bf16_bits(rows)
+            else:
+                data[start:start + step] = to_fp16_bits(rows, name)
+        return cls(fmt, data, scales)
 
     @property
     def nbytes(self):
