@@ -4,9 +4,9 @@
     model = refimpl.load("path", backend="numba", weights="int8", threads=2)   # or accel.load(...)
     model(input_ids=[[1, 17, 42]]).logits          # the same call, outputs and generate() as refimpl's model
 
-accel imports refimpl, never the reverse; refimpl.load(backend="numba") hands over to accel.load. Each kernel in
-kernels_cpu.py, quant.py and sampling.py names the refimpl function it reproduces and is tested against it.
-Importing this package needs NumPy only; Numba is imported when a model is loaded (the `accel` extra).
+accel imports refimpl; refimpl imports accel only to hand over (refimpl.load(backend="numba") -> accel.load).
+Each kernel in kernels_cpu.py, quant.py and sampling.py names the refimpl function it reproduces and is tested
+against it. Importing this package needs NumPy only; Numba is imported when a model is loaded (the `accel` extra).
 """
 from __future__ import annotations
 
