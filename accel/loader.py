@@ -13,7 +13,7 @@ from refimpl.pretrained import read_generation_config
 from refimpl.weights import read_model_config
 
 from . import convert, jit
-from .model import ACCEL_CLASSES, iter_packed
+from .model import ACCEL_CLASSES, iter_packed, parameter_leaves
 
 
 def refimpl_class(config):
@@ -54,20 +54,8 @@ def default_cache_dir():
 
 def packed_bytes(reference, fmt):
     """Bytes the packed matrices will take: parameters of the matrices x bytes per weight of the format."""
-    count = 0
-
-    def walk(node):
-        nonlocal count
-        if isinstance(node, dict):
-            for value in node.values():
-                walk(value)
-        elif isinstance(node, list):
-            for value in node:
-                walk(value)
-        elif getattr(node, "ndim", 0) == 2:
-            count += node.shape[0] * node.shape[1]
-
-    walk(reference.params)
+    count = sum(leaf.shape[0] * leaf.shape[1] for leaf in parameter_leaves(reference.params)
+                if getattr(leaf, "ndim", 0) == 2)
     return int(count * BYTES_PER_WEIGHT[fmt])
 
 

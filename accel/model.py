@@ -338,6 +338,20 @@ def _pack_opt_layer(ref_layer, i, fmt):
     return {k: v for k, v in out.items() if v is not None}
 
 
+def parameter_leaves(params):
+    """Every leaf of a parameter tree (dicts and lists of arrays / Weights), a shared one (tied embeddings) once."""
+    seen, stack = set(), [params]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+        elif id(node) not in seen:
+            seen.add(id(node))
+            yield node
+
+
 # --- the classes --------------------------------------------------------------------------------------------------
 
 def _no_trace(trace):
@@ -376,20 +390,9 @@ class AccelModel:
 
     def weight_bytes(self):
         """Bytes of all parameters as stored (a tied embedding counted once)."""
-        seen, total = set(), 0
-
-        def walk(node):
-            nonlocal total
-            if isinstance(node, dict):
-                for v in node.values():
-                    walk(v)
-            elif isinstance(node, list):
-                for v in node:
-                    walk(v)
-            elif id(node) not in seen:
-                seen.add(id(node))
-                total += node.nbytes
-        walk(self.params)
+        total = 0
+        for leaf in parameter_leaves(self.params):
+            total += leaf.nbytes
         return total
 
     def __repr__(self):
