@@ -60,13 +60,16 @@ def packed_bytes(reference, fmt):
 
 
 def load_model(path, fmt, threads, cache_dir):
-    """Packed weights from cache_dir when converted before; else refimpl's model (memory-mapped, nothing converted)
-    packed layer by layer: straight into the cache folder when there is one (or when the packed weights exceed
-    IN_MEMORY_LIMIT, into default_cache_dir()), then memory-mapped from it; in memory for small models."""
+    """Packed weights from cache_dir when converted before (and the folder passes convert.load's checks); else
+    refimpl's model (memory-mapped, nothing converted) packed layer by layer: straight into the cache folder when
+    there is one (or when the packed weights exceed IN_MEMORY_LIMIT, into default_cache_dir()), then memory-mapped
+    from it; in memory for small models. A cache folder that fails its check is converted again and replaced."""
     config = read_model_config(path)
     cls = ACCEL_CLASSES[refimpl_class(config)]
-    folder = convert.folder_for(cache_dir, path, fmt) if cache_dir is not None else None
-    params = convert.load(folder) if folder is not None else None
+    layout = convert.expected_layout(config, cls.head, fmt)
+    key = convert.fingerprint(path, fmt) if cache_dir is not None else None
+    folder = convert.folder_for(cache_dir, path, fmt, key) if cache_dir is not None else None
+    params, problem = from_cache(folder, layout, key, fmt)
     if params is not None:
         generation_config = read_generation_config(path, config)
     else:
@@ -75,13 +78,11 @@ def load_model(path, fmt, threads, cache_dir):
         family = "opt" if config.family == "opt" else "llama"
         size = packed_bytes(reference, fmt)
         if folder is None and size > IN_MEMORY_LIMIT:
-            folder = convert.folder_for(default_cache_dir(), path, fmt)
-            params = convert.load(folder)
+            key = convert.fingerprint(path, fmt)
+            folder = convert.folder_for(default_cache_dir(), path, fmt, key)
+            params, problem = from_cache(folder, layout, key, fmt)
         if params is None and folder is not None:
-            print(f"refimpl: converting the weights to {fmt} into {folder} ({human_bytes(size)}, once; later loads "
-                  "memory-map it)", file=sys.stderr, flush=True)
-            convert.save_entries(iter_packed(reference.params, family, fmt), folder, progress=sys.stderr.isatty())
-            params = convert.load(folder)
+            params = convert_into(reference, family, fmt, folder, layout, key, size, problem)
         elif params is None:
             params = dict(iter_packed(reference.params, family, fmt, nested=True))
         del reference
@@ -91,3 +92,30 @@ def load_model(path, fmt, threads, cache_dir):
     model.threads = threads
     set_threads(threads)
     return model
+
+
+def from_cache(folder, layout, key, fmt):
+    """(packed tree, None) from a cache folder that passes its checks; (None, None) when there is no folder;
+    (None, the CheckpointError) when it fails them."""
+    if folder is None:
+        return None, None
+    try:
+        return convert.load(folder, layout, key, fmt), None
+    except refimpl.CheckpointError as exc:
+        return None, exc
+
+
+def convert_into(reference, family, fmt, folder, layout, key, size, problem):
+    """Pack refimpl's model into the cache folder (replacing it atomically when it failed its check: `problem`) and
+    memory-map it back, checked: a conversion that does not pass raises CheckpointError, it never runs."""
+    if problem is not None:
+        print(f"refimpl: the weight cache failed its check ({problem}); converting again", file=sys.stderr,
+              flush=True)
+    print(f"refimpl: converting the weights to {fmt} into {folder} ({human_bytes(size)}, once; later loads "
+          "memory-map it)", file=sys.stderr, flush=True)
+    convert.save_entries(iter_packed(reference.params, family, fmt), folder, key, fmt,
+                         progress=sys.stderr.isatty(), replace=problem is not None)
+    params = convert.load(folder, layout, key, fmt)
+    if params is None:  # another process renamed it aside this very moment
+        raise refimpl.CheckpointError(f"{folder}: the converted weights vanished as they were written; load again")
+    return params
