@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .errors import InputError
 from .pack import INPUT_NAMES, SUMMARY_FIELDS, Pack, guess_family, summarize
 from .trace import entry, generic_name, select
 
@@ -92,7 +93,7 @@ class Report:
         return [op for op in self.ops if op.failed]
 
 
-class DiffError(ValueError):
+class DiffError(InputError):
     """The two packs cannot be compared (different inputs, nothing in common, unreadable logits file)."""
 
 
@@ -508,6 +509,8 @@ def raw_logits_pack(path, ref):
     if "logits" not in ref.tensors:
         raise DiffError(f"{ref.path}: the reference pack has no logits to compare {path} with")
     shape = np.shape(ref.tensors["logits"])
+    if len(shape) < 2:
+        raise DiffError(f"{ref.path}: the reference's logits have shape {list(shape)}, not [..., positions, vocab]")
     vocab, positions = shape[-1], int(np.prod(shape[:-1]))
     if values.size == positions * vocab:
         return Pack(str(path), {"logits": values.reshape(shape)}, {"raw_logits": "all"}, {"logits": "F32"})

@@ -14,4 +14,5 @@ class CheckpointError(RefimplError):
 
 
 class InputError(RefimplError):
-    """A forward-pass argument is out of range or of the wrong shape."""
+    """A forward-pass argument (or a golden pack given to `refimpl diff`) is out of range or of the wrong shape or
+    type."""

@@ -1,27 +1,23 @@
 """Heads and losses shared by the three families, as transformers computes them.
 
-Losses run in float32 at least (transformers upcasts logits with .float()), or float64 in audit mode.
+Losses run in float32 at least (transformers upcasts logits with .float()), or float64 in audit mode. Labels and
+positions arrive checked (refimpl/inputs.py: token_labels, sequence_labels, per_row_integers).
 """
 from __future__ import annotations
 
 import numpy as np
 
 from .errors import InputError
+from .inputs import IGNORE_INDEX
 from .ops import log_softmax
-
-IGNORE_INDEX = -100
 
 
 def cross_entropy(logits, targets, ignore_index=IGNORE_INDEX):
     """mean over kept rows of -log softmax(logits)[target]; rows whose target is ignore_index are dropped.
 
-    logits [N, C], targets [N]. Every row ignored gives NaN (0/0), as torch does.
+    logits [N, C], targets [N] in [0, C) or ignore_index. Every row ignored gives NaN (0/0), as torch does.
     """
-    classes = logits.shape[-1]
     keep = targets != ignore_index
-    bad = targets[keep & ((targets < 0) | (targets >= classes))]
-    if bad.size:
-        raise InputError(f"label {int(bad[0])} is outside [0, {classes}) and is not the ignore index {ignore_index}")
     logp = log_softmax(logits[keep])  # [N_kept, C]
     picked = logp[np.arange(logp.shape[0]), targets[keep]]
     with np.errstate(invalid="ignore"):
@@ -29,9 +25,8 @@ def cross_entropy(logits, targets, ignore_index=IGNORE_INDEX):
 
 
 def causal_lm_loss(logits, labels):
-    """Next-token loss: logits[:, :-1] predict labels[:, 1:] (ForCausalLMLoss, loss_utils.py:32-47). Labels are not pre-shifted."""
-    if labels.shape != logits.shape[:2]:
-        raise InputError(f"labels have shape {list(labels.shape)}, expected [batch, seq] = {list(logits.shape[:2])}")
+    """Next-token loss: logits[:, :-1] predict labels[:, 1:] (ForCausalLMLoss, loss_utils.py:32-47). Labels are not
+    pre-shifted; they are [B, S], like the logits' first two axes."""
     logits = logits.astype(np.promote_types(logits.dtype, np.float32))
     shifted = logits[:, :-1, :].reshape(-1, logits.shape[-1])  # [B*(S-1), V]
     targets = labels[:, 1:].reshape(-1)
@@ -74,17 +69,15 @@ def sequence_classification_loss(pooled, labels, num_labels, problem_type):
     if problem_type == "single_label_classification":
         return cross_entropy(pooled.reshape(-1, num_labels), labels.reshape(-1).astype(np.int64))
     # multi-label: mean of max(x, 0) - x y + log(1 + exp(-|x|))  (BCEWithLogitsLoss)
-    labels = labels.astype(pooled.dtype)
-    if labels.shape != pooled.shape:
-        raise InputError(f"multi-label labels have shape {list(labels.shape)}, logits {list(pooled.shape)}")
+    labels = labels.astype(pooled.dtype)  # [B, num_labels], like the logits
     return np.mean(np.maximum(pooled, 0) - pooled * labels + np.log1p(np.exp(-np.abs(pooled))))
 
 
 def question_answering_loss(start_logits, end_logits, start_positions, end_positions):
-    """(CE(start) + CE(end)) / 2, positions clamped to [0, S] and S ignored (modeling_opt.py:1450-1466)."""
+    """(CE(start) + CE(end)) / 2, positions [B] clamped to [0, S] and S ignored (modeling_opt.py:1450-1466)."""
     seq_len = start_logits.shape[1]
-    start_positions = np.clip(np.asarray(start_positions).reshape(-1), 0, seq_len)
-    end_positions = np.clip(np.asarray(end_positions).reshape(-1), 0, seq_len)
+    start_positions = np.clip(start_positions, 0, seq_len)
+    end_positions = np.clip(end_positions, 0, seq_len)
     dtype = np.promote_types(start_logits.dtype, np.float32)
     start_loss = cross_entropy(start_logits.astype(dtype), start_positions, ignore_index=seq_len)
     end_loss = cross_entropy(end_logits.astype(dtype), end_positions, ignore_index=seq_len)

@@ -2,7 +2,8 @@
 
 Reads the config (config.json, or a GGUF file's metadata) and the tensor headers only, then prints one table:
 family, class, config summary, parameter count, dtypes and bytes on disk, the memory the parameters take at each
-compute dtype, and how the output embedding is tied.
+compute dtype, and how the output embedding is tied. The tensor names get the loader's checks (weights.rename):
+a checkpoint inspect describes is one whose names load.
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import os
 import numpy as np
 
 from .formats.common import NUMPY_DTYPES, element_count, human_bytes
-from .weights import HEADS, IGNORED_LAYER, checkpoint_files, list_checkpoint, read_model_config, strip_prefix
+from .weights import HEADS, IGNORED_LAYER, checkpoint_files, list_checkpoint, read_model_config, rename, strip_prefix
 
 DEFAULT_CLASS = {"llama": "LlamaForCausalLM", "open-llama": "OpenLlamaForCausalLM", "opt": "OPTForCausalLM"}
 FORMATS = {".safetensors": "safetensors", ".bin": "PyTorch zip (.bin)", ".gguf": "GGUF",
@@ -42,6 +43,7 @@ def describe(path, progress=None) -> str:
     files, _, _ = checkpoint_files(path)
     stored = list_checkpoint(path, progress)
     family = "opt" if config.family == "opt" else "llama"
+    rename(stored, family, config.num_hidden_layers)  # the loader's name checks: an alias or unknown name is refused
     used = {name: t for name, t in stored.items() if not _ignored(strip_prefix(name, family))}
     tied = _tie(config, {strip_prefix(name, family) for name in used})
     if tied.startswith("tied") and any(strip_prefix(n, family) == "lm_head.weight" for n in used):

@@ -14,7 +14,7 @@ import numpy as np
 
 from . import rope
 from .heads import causal_lm_loss, pool_index, problem_type_for, sequence_classification_loss
-from .inputs import attention_mask_2d, past_length, position_ids_2d, token_inputs
+from .inputs import attention_mask_2d, check_trace, past_cache, position_ids_2d, sequence_labels, token_inputs
 from .ops import ACTIVATIONS, apply_rotary, causal_mask, layer_norm, linear, mask_min, repeat_kv, rms_norm, softmax
 from .errors import InputError
 from .outputs import ModelOutput
@@ -131,8 +131,10 @@ def llama_model(params, cfg, rope_state, input_ids=None, inputs_embeds=None, att
 
     Returns (final hidden [B, S, D], hidden states (L+1), attentions (L), new cache (L pairs), new RoPE state).
     """
+    check_trace(trace)
     ids, embeds, B, S = token_inputs(cfg, input_ids, inputs_embeds, cfg.hidden_size, dtype)
-    T = past_length(past_key_values, cfg.num_hidden_layers, B, cfg.num_key_value_heads, cfg.head_dim)
+    past_key_values, T = past_cache(past_key_values, cfg.num_hidden_layers, B, cfg.num_key_value_heads, cfg.head_dim,
+                                    dtype)  # checked, in the compute dtype
     if ids is not None:
         x = params["embed_tokens"][ids].astype(dtype, copy=False)  # [B, S] -> [B, S, D] (weights may be fp16)
         trace("embed_tokens", x)
@@ -230,7 +232,7 @@ class LlamaModel(_LlamaBase):
 
     def __call__(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                  inputs_embeds=None, use_cache=False, output_attentions=False, output_hidden_states=False,
-                 trace=NO_TRACE):
+                 trace=NO_TRACE) -> ModelOutput:
         h, out = self._decoder(input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, use_cache,
                                output_attentions, output_hidden_states, trace)
         out.last_hidden_state = h
@@ -244,7 +246,7 @@ class LlamaForCausalLM(_LlamaBase):
 
     def __call__(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                  inputs_embeds=None, labels=None, use_cache=False, output_attentions=False,
-                 output_hidden_states=False, num_logits_to_keep=0, trace=NO_TRACE):
+                 output_hidden_states=False, num_logits_to_keep=0, trace=NO_TRACE) -> ModelOutput:
         if not isinstance(num_logits_to_keep, int) or num_logits_to_keep < 0:
             raise InputError(f"num_logits_to_keep={num_logits_to_keep!r} must be an integer >= 0")
         h, out = self._decoder(input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, use_cache,
@@ -252,7 +254,7 @@ class LlamaForCausalLM(_LlamaBase):
         out.logits = lm_logits(self.params, self.config, h, num_logits_to_keep)
         trace("logits", out.logits)
         if labels is not None:
-            out.loss = causal_lm_loss(out.logits, self._labels(labels))
+            out.loss = causal_lm_loss(out.logits, self._labels(labels, out.logits))
         return out
 
 
@@ -268,7 +270,7 @@ class LlamaForSequenceClassification(_LlamaBase):
 
     def __call__(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                  inputs_embeds=None, labels=None, use_cache=False, output_attentions=False,
-                 output_hidden_states=False, trace=NO_TRACE):
+                 output_hidden_states=False, trace=NO_TRACE) -> ModelOutput:
         h, out = self._decoder(input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, use_cache,
                                output_attentions, output_hidden_states, trace)
         logits = linear(h, self.params["score"])  # [B, S, D] -> [B, S, num_labels]
@@ -277,10 +279,9 @@ class LlamaForSequenceClassification(_LlamaBase):
         index = pool_index(ids, self.config.pad_token_id, B, S, self.family)
         out.logits = logits[np.arange(B), index]  # [B, num_labels]
         trace("logits", out.logits)
-        if labels is not None:
-            labels = np.asarray(labels)
-            if self.problem_type is None:  # transformers sets config.problem_type on the first loss: it persists
-                self.problem_type = problem_type_for(self.config.num_labels, labels)
+        if labels is not None:  # transformers sets config.problem_type on the first loss: it persists
+            labels, self.problem_type = sequence_labels(labels, B, self.config.num_labels, self.problem_type,
+                                                        problem_type_for)
             out.loss = sequence_classification_loss(out.logits, labels, self.config.num_labels, self.problem_type)
         return out
 
@@ -300,7 +301,7 @@ class OpenLlamaForCausalLM(LlamaForCausalLM):
 
     def __call__(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                  inputs_embeds=None, labels=None, use_cache=False, output_attentions=False,
-                 output_hidden_states=False, trace=NO_TRACE):
+                 output_hidden_states=False, trace=NO_TRACE) -> ModelOutput:
         # Open-Llama has no num_logits_to_keep
         return super().__call__(input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, labels,
                                 use_cache, output_attentions, output_hidden_states, trace=trace)

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from .errors import InputError
 from .heads import causal_lm_loss, pool_index, problem_type_for, question_answering_loss, sequence_classification_loss
-from .inputs import attention_mask_2d, integer_array, past_length, token_inputs
+from .inputs import (attention_mask_2d, check_trace, head_mask_2d, learned_positions, past_cache, per_row_integers,
+                     position_ids_2d, sequence_labels, token_inputs)
 from .ops import ACTIVATIONS, causal_mask, layer_norm, linear, mask_min, softmax
 from .outputs import ModelOutput
 from .pretrained import PreTrainedModel
@@ -97,21 +97,18 @@ def positions_from_mask(mask2d, past):
 def opt_model(params, cfg, input_ids=None, inputs_embeds=None, attention_mask=None, position_ids=None,
               past_key_values=None, head_mask=None, dtype=np.float32, trace=NO_TRACE):
     """The decoder stack (OPTDecoder.forward). Returns (final hidden, hidden states (L+1), attentions, cache)."""
+    check_trace(trace)
     ids, embeds, B, S = token_inputs(cfg, input_ids, inputs_embeds, cfg.word_embed_proj_dim, dtype)
-    T = past_length(past_key_values, cfg.num_hidden_layers, B, cfg.num_attention_heads, cfg.head_dim)
+    past_key_values, T = past_cache(past_key_values, cfg.num_hidden_layers, B, cfg.num_attention_heads, cfg.head_dim,
+                                    dtype)  # checked, in the compute dtype
     mask2d = attention_mask_2d(attention_mask, B, T + S)  # None -> all ones: pads then count as tokens
     x = params["embed_tokens"][ids].astype(dtype, copy=False) if ids is not None else embeds  # [B, S, E]
     trace("embed", x)
     if position_ids is None:
         position_ids = positions_from_mask(mask2d, T)
     else:
-        position_ids = integer_array(position_ids, "position_ids", 2)
-        if position_ids.shape[1] != S or position_ids.shape[0] not in (1, B):
-            raise InputError(f"position_ids has shape {list(position_ids.shape)}, expected [{B} or 1, {S}]")
-    rows = params["embed_positions"].shape[0]
-    if np.max(position_ids) + POSITION_OFFSET >= rows or np.min(position_ids) + POSITION_OFFSET < 0:
-        raise InputError(f"OPT position {int(np.max(position_ids))} is outside its learned table: "
-                         f"max_position_embeddings={cfg.max_position_embeddings} positions (0..{rows - 3})")
+        position_ids = position_ids_2d(position_ids, B, S, non_negative=False)  # -1 (a pad's) reads row 1
+    learned_positions(position_ids, POSITION_OFFSET, params["embed_positions"].shape[0], cfg.max_position_embeddings)
     trace("position_ids", position_ids)
     pos_embeds = params["embed_positions"][position_ids + POSITION_OFFSET].astype(dtype, copy=False)  # [B, S, D]
     trace("pos_embed", pos_embeds)
@@ -121,11 +118,7 @@ def opt_model(params, cfg, input_ids=None, inputs_embeds=None, attention_mask=No
     x = x + pos_embeds
     mask = causal_mask(mask2d, T, dtype)  # [B, 1, S, K]
     trace("mask", mask)
-    if head_mask is not None:
-        head_mask = np.asarray(head_mask, dtype=dtype)
-        if head_mask.shape != (cfg.num_hidden_layers, cfg.num_attention_heads):
-            raise InputError(f"head_mask has shape {list(head_mask.shape)}, expected [layers, heads] = "
-                             f"[{cfg.num_hidden_layers}, {cfg.num_attention_heads}]")
+    head_mask = head_mask_2d(head_mask, cfg.num_hidden_layers, cfg.num_attention_heads, dtype)  # [L, H] or None
 
     hidden_states, attentions, cache = [], [], []
     for i, layer in enumerate(params["layers"]):
@@ -197,7 +190,7 @@ class OPTModel(_OPTBase):
 
     def __call__(self, input_ids=None, attention_mask=None, head_mask=None, past_key_values=None,
                  inputs_embeds=None, use_cache=False, output_attentions=False, output_hidden_states=False,
-                 position_ids=None, trace=NO_TRACE):
+                 position_ids=None, trace=NO_TRACE) -> ModelOutput:
         h, out = self._decoder(input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, head_mask,
                                use_cache, output_attentions, output_hidden_states, trace)
         out.last_hidden_state = h
@@ -211,13 +204,13 @@ class OPTForCausalLM(_OPTBase):
 
     def __call__(self, input_ids=None, attention_mask=None, head_mask=None, past_key_values=None,
                  inputs_embeds=None, labels=None, use_cache=False, output_attentions=False,
-                 output_hidden_states=False, position_ids=None, trace=NO_TRACE):
+                 output_hidden_states=False, position_ids=None, trace=NO_TRACE) -> ModelOutput:
         h, out = self._decoder(input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, head_mask,
                                use_cache, output_attentions, output_hidden_states, trace)
         out.logits = linear(h, self.params["lm_head"])  # [B, S, E] -> [B, S, V]
         trace("logits", out.logits)
         if labels is not None:
-            out.loss = causal_lm_loss(out.logits, self._labels(labels))
+            out.loss = causal_lm_loss(out.logits, self._labels(labels, out.logits))
         return out
 
 
@@ -228,7 +221,7 @@ class OPTForSequenceClassification(_OPTBase):
 
     def __call__(self, input_ids=None, attention_mask=None, head_mask=None, past_key_values=None,
                  inputs_embeds=None, labels=None, use_cache=False, output_attentions=False,
-                 output_hidden_states=False, position_ids=None, trace=NO_TRACE):
+                 output_hidden_states=False, position_ids=None, trace=NO_TRACE) -> ModelOutput:
         h, out = self._decoder(input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, head_mask,
                                use_cache, output_attentions, output_hidden_states, trace)
         logits = linear(h, self.params["score"])  # [B, S, num_labels]
@@ -236,10 +229,9 @@ class OPTForSequenceClassification(_OPTBase):
         ids = None if input_ids is None else np.asarray(input_ids).reshape(B, S)
         out.logits = logits[np.arange(B), pool_index(ids, self.config.pad_token_id, B, S, self.family)]
         trace("logits", out.logits)
-        if labels is not None:
-            labels = np.asarray(labels)
-            if self.problem_type is None:  # set on the first loss and kept, as transformers mutates its config
-                self.problem_type = problem_type_for(self.config.num_labels, labels)
+        if labels is not None:  # problem_type is set on the first loss and kept, as transformers mutates its config
+            labels, self.problem_type = sequence_labels(labels, B, self.config.num_labels, self.problem_type,
+                                                        problem_type_for)
             out.loss = sequence_classification_loss(out.logits, labels, self.config.num_labels, self.problem_type)
         return out
 
@@ -251,12 +243,15 @@ class OPTForQuestionAnswering(_OPTBase):
 
     def __call__(self, input_ids=None, attention_mask=None, head_mask=None, past_key_values=None,
                  inputs_embeds=None, start_positions=None, end_positions=None, use_cache=False,
-                 output_attentions=False, output_hidden_states=False, position_ids=None, trace=NO_TRACE):
+                 output_attentions=False, output_hidden_states=False, position_ids=None, trace=NO_TRACE) -> ModelOutput:
         h, out = self._decoder(input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, head_mask,
                                use_cache, output_attentions, output_hidden_states, trace)
         logits = linear(h, self.params["qa_outputs"], self.params["qa_outputs_bias"])  # [B, S, 2]
         trace("logits", logits)
         out.start_logits, out.end_logits = logits[..., 0], logits[..., 1]
-        if start_positions is not None and end_positions is not None:
-            out.loss = question_answering_loss(out.start_logits, out.end_logits, start_positions, end_positions)
+        if start_positions is not None and end_positions is not None:  # one alone: no loss, as in transformers
+            B = logits.shape[0]
+            out.loss = question_answering_loss(out.start_logits, out.end_logits,
+                                               per_row_integers(start_positions, "start_positions", B),
+                                               per_row_integers(end_positions, "end_positions", B))
         return out

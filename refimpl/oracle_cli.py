@@ -110,7 +110,7 @@ def run_diff(args):
         else:
             port = read_pack(port_path)
         report = diff_packs(ref, port, args.atol, args.rtol, args.skip, args.top_k, args.tolerance_dtype)
-    except (DiffError, OSError) as exc:
+    except (RefimplError, OSError) as exc:  # DiffError, a malformed pack (InputError, CheckpointError)
         print(f"refimpl diff: error: {exc}", file=sys.stderr)
         return 2
     print(format_report(report, ref, port, all_ops=not args.failures_only))

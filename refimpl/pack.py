@@ -20,6 +20,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .errors import InputError
+from .formats.common import is_dims
+from .formats.safetensors import MAX_HEADER_BYTES
+from .formats.untrusted import summary
 from .safe_write import write_atomically
 from .trace import Trace, graph_order
 
@@ -29,6 +32,20 @@ FULL_IN_SUMMARY = INPUT_NAMES + ("logits",)  # stored in full even in a summary 
 SUMMARY_EDGE = 8  # how many first and last values a summary keeps
 SUMMARY_FIELDS = ("sum", "mean", "absmax", "nan_count", "inf_count",
                   *(f"first[{k}]" for k in range(SUMMARY_EDGE)), *(f"last[{k}]" for k in range(SUMMARY_EDGE)))
+
+# Metadata read back and used: a pack comes from any port, so each is checked before diff reads it.
+JSON_METADATA = {  # key -> (what its JSON must be, test)
+    "trace_order": ("a list of trace names", lambda v: isinstance(v, list) and all(isinstance(n, str) for n in v)),
+    "summary_fields": ("a list of field names", lambda v: isinstance(v, list) and all(isinstance(n, str) for n in v)),
+    "summary_shapes": ("an object of name: shape", lambda v: isinstance(v, dict)
+                       and all(is_dims(s) for s in v.values())),
+    "config": ("an object (config.json)", lambda v: isinstance(v, dict)),
+    "checkpoint_sha256": ("an object of file: sha256", lambda v: isinstance(v, dict)
+                          and all(isinstance(d, str) for d in v.values())),
+}
+CHOICES_METADATA = {"mode": ("full", "summary"), "raw_logits": ("all", "last")}
+PRINTED_METADATA = ("format", "refimpl_version", "class", "family", "dtype", "checkpoint")  # in diff's report
+MAX_PRINTED = 200  # characters
 
 # NumPy dtype -> safetensors dtype name (little-endian; NumPy has no bfloat16, see formats/common.py for reading)
 SAFETENSORS_DTYPES = {"float64": "F64", "float32": "F32", "float16": "F16", "int64": "I64", "int32": "I32",
@@ -69,7 +86,8 @@ def write_safetensors(path, tensors, metadata=None):
 
 
 def read_header(path):
-    """-> (metadata {str: str}, [(name, safetensors dtype, shape)] in file order). Reads the header only."""
+    """-> (metadata {str: str}, [(name, safetensors dtype, shape)] in file order). Reads the header only; the
+    metadata refimpl reads back (JSON_METADATA, CHOICES_METADATA) is checked, else InputError."""
     path = os.fspath(path)
     size = os.path.getsize(path)
     with open(path, "rb") as f:
@@ -77,18 +95,53 @@ def read_header(path):
         if len(head) < 8:
             raise InputError(f"{path}: {size} bytes is too short for a safetensors file")
         (length,) = struct.unpack("<Q", head)
-        if length > size - 8:
-            raise InputError(f"{path}: header length {length} is larger than the file ({size} bytes)")
+        if length > min(size - 8, MAX_HEADER_BYTES):
+            raise InputError(f"{path}: header length {length} is larger than the file ({size} bytes) or the "
+                             f"limit ({MAX_HEADER_BYTES})")
         try:
             header = json.loads(f.read(length).decode("utf-8"))
-        except ValueError:
+        except (ValueError, RecursionError):
             raise InputError(f"{path}: the safetensors header is not valid JSON") from None
     if not isinstance(header, dict):
         raise InputError(f"{path}: the safetensors header is not a JSON object")
     metadata = header.pop("__metadata__", None) or {}
-    entries = [(name, info.get("dtype"), tuple(info.get("shape", ()))) for name, info in header.items()
-               if isinstance(info, dict)]
-    return {str(k): str(v) for k, v in metadata.items()}, entries
+    if not isinstance(metadata, dict):
+        raise InputError(f"{path}: __metadata__ is {summary(metadata)}, not a JSON object of strings")
+    bad = next((k for k, v in metadata.items() if not isinstance(v, str)), None)
+    if bad is not None:
+        raise InputError(f"{path}: __metadata__ {summary(bad)} is {summary(metadata[bad])}; safetensors metadata "
+                         f"maps strings to strings")
+    check_metadata(path, metadata)
+    entries = []
+    for name, info in header.items():
+        if not (isinstance(info, dict) and isinstance(info.get("dtype"), str) and is_dims(info.get("shape"))):
+            raise InputError(f"{path}: tensor {summary(name)} has a malformed header entry {summary(info)}")
+        entries.append((name, info["dtype"], tuple(info["shape"])))
+    return metadata, entries
+
+
+def check_metadata(path, metadata):
+    """InputError naming the first metadata value refimpl reads back that is not what refimpl writes there."""
+    for key in PRINTED_METADATA:
+        if len(metadata.get(key, "")) > MAX_PRINTED:
+            raise InputError(f"{path}: pack metadata {key} is {len(metadata[key])} characters long (at most "
+                             f"{MAX_PRINTED}): {summary(metadata[key])}")
+    for key, choices in CHOICES_METADATA.items():
+        if key in metadata and metadata[key] not in choices:
+            raise InputError(f"{path}: pack metadata {key}={summary(metadata[key])}, expected one of {choices}")
+    for key, (expected, test) in JSON_METADATA.items():
+        if key not in metadata:
+            continue
+        try:
+            value = json.loads(metadata[key])
+        except (ValueError, RecursionError):  # also a number beyond Python's int-parsing limit
+            raise InputError(f"{path}: pack metadata {key} is not valid JSON: {summary(metadata[key])}") from None
+        if not test(value):
+            raise InputError(f"{path}: pack metadata {key} must be {expected}, got {summary(value)}")
+    if metadata.get("mode") == "summary" and "summary_fields" in metadata:
+        if json.loads(metadata["summary_fields"]) != list(SUMMARY_FIELDS):
+            raise InputError(f"{path}: the summary pack's summary_fields are not this refimpl's "
+                             f"({', '.join(SUMMARY_FIELDS[:6])}, ...): it cannot be compared")
 
 
 def read_metadata(path):
@@ -146,6 +199,11 @@ def read_pack(path):
     metadata, entries = read_header(path)
     tensors = read_safetensors(path)
     ordered = {name: tensors[name] for name, _, _ in entries if name in tensors}
+    if metadata.get("mode") == "summary":
+        wrong = [(n, s) for n, _, s in entries if n not in FULL_IN_SUMMARY and s != (len(SUMMARY_FIELDS),)]
+        if wrong:
+            raise InputError(f"{path}: a summary pack stores {summary(wrong[0][0])} with shape {list(wrong[0][1])}, "
+                             f"not a vector of the {len(SUMMARY_FIELDS)} summary fields")
     return Pack(os.fspath(path), ordered, metadata, {name: dtype for name, dtype, _ in entries})
 
 

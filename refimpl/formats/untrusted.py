@@ -72,18 +72,26 @@ def error_text(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {detail}"
 
 
-def check_shape(where: str, shape) -> tuple:
-    """A shape read from a file -> tuple of ints, or CheckpointError when NumPy could not hold its values widened to
-    float64 (8 bytes each, what the audit mode computes in), even with a zero among the dims."""
-    if len(shape) > MAX_DIMS:
-        raise CheckpointError(f"{where} has {len(shape)} dimensions; NumPy (and every real model) has at most "
-                              f"{MAX_DIMS}")
+def too_large(shape) -> bool:
+    """Whether NumPy could not index the values of `shape` widened to float64 (8 bytes each, what the audit mode
+    computes in), counting a zero dim as 1: more than MAX_EXTENT bytes."""
     extent = 8
     for dim in shape:
         extent *= max(dim, 1)
         if extent > MAX_EXTENT:
-            raise CheckpointError(f"{where} has shape {summary(tuple(shape))}, too large to index (more than "
-                                  f"2**62 bytes)")
+            return True
+    return False
+
+
+def check_shape(where: str, shape) -> tuple:
+    """A shape read from a file -> tuple of ints, or CheckpointError when NumPy could not hold its values widened to
+    float64, even with a zero among the dims (too_large)."""
+    if len(shape) > MAX_DIMS:
+        raise CheckpointError(f"{where} has {len(shape)} dimensions; NumPy (and every real model) has at most "
+                              f"{MAX_DIMS}")
+    if too_large(shape):
+        raise CheckpointError(f"{where} has shape {summary(tuple(shape))}, too large to index (more than "
+                              f"2**62 bytes)")
     return tuple(shape)
 
 
