@@ -21,7 +21,8 @@ import numpy as np
 from refimpl import llama as ref_llama
 from refimpl import opt as ref_opt
 from refimpl.errors import InputError
-from refimpl.inputs import attention_mask_2d, integer_array, past_length, position_ids_2d, token_inputs
+from refimpl.inputs import (attention_mask_2d, head_mask_2d, learned_positions, past_length, position_ids_2d,
+                            token_inputs)
 from refimpl.ops import causal_mask, linear as ref_linear
 from refimpl.outputs import ModelOutput
 from refimpl.trace import NO_TRACE
@@ -29,6 +30,7 @@ from refimpl.trace import NO_TRACE
 from . import blas, fused, jit
 from .kernels_cpu import (ACT, ACT_CODES, ADD, F32_MIN, GATED, STORE, apply_rotary_, decode_step_, layer_norm,
                           _rms_norm_rows, masked_softmax_, rms_norm)
+from .generate import GenerationHooks
 from .kv_cache import KVCache, storage_for
 from .quant import Weight, linear, linear_into, writable
 
@@ -162,14 +164,9 @@ def opt_positions(params, cfg, mask2d, position_ids, T, B, S):
     if position_ids is None:
         position_ids = ref_opt.positions_from_mask(mask2d, T)
     else:
-        position_ids = integer_array(position_ids, "position_ids", 2)
-        if position_ids.shape[1] != S or position_ids.shape[0] not in (1, B):
-            raise InputError(f"position_ids has shape {list(position_ids.shape)}, expected [{B} or 1, {S}]")
-    rows = params["embed_positions"].shape[0]
+        position_ids = position_ids_2d(position_ids, B, S, non_negative=False)
     offset = ref_opt.POSITION_OFFSET
-    if np.max(position_ids) + offset >= rows or np.min(position_ids) + offset < 0:
-        raise InputError(f"OPT position {int(np.max(position_ids))} is outside its learned table: "
-                         f"max_position_embeddings={cfg.max_position_embeddings} positions (0..{rows - 3})")
+    learned_positions(position_ids, offset, params["embed_positions"].shape[0], cfg.max_position_embeddings)
     return params["embed_positions"][position_ids + offset]
 
 
@@ -186,10 +183,7 @@ def opt_model(params, cfg, input_ids=None, inputs_embeds=None, attention_mask=No
     if "project_in" in params:
         x = linear(x, params["project_in"])  # [B, S, E] -> [B, S, D]
     x = np.ascontiguousarray(x + pos_embeds, dtype=F32).reshape(B * S, D)  # [M, D], a new array
-    if head_mask is not None:
-        head_mask = np.asarray(head_mask, dtype=F32)
-        if head_mask.shape != (L, H):
-            raise InputError(f"head_mask has shape {list(head_mask.shape)}, expected [layers, heads] = [{L}, {H}]")
+    head_mask = head_mask_2d(head_mask, L, H, F32)  # [L, H] or None
     storage, T = storage_for(past_key_values, L, B, H, Dh, S)
     plan = attention_plan(mask2d, T, S, want_attentions or head_mask is not None)
     pre = cfg.do_layer_norm_before
@@ -359,8 +353,8 @@ def _no_trace(trace):
         raise InputError("accel's fused kernels do not record traces: load with backend='numpy' to trace")
 
 
-class AccelModel:
-    """What every accelerated class adds to its refimpl class: weights format, threads, the cached generate."""
+class AccelModel(GenerationHooks):
+    """What every accelerated class adds to its refimpl class: weights format, threads, generate's hooks."""
 
     weights = "fp32"
     threads = None
@@ -375,18 +369,6 @@ class AccelModel:
         c = self.config
         heads = c.num_attention_heads if self.family == "opt" else c.num_key_value_heads
         return KVCache.allocate(c.num_hidden_layers, batch, heads, capacity, c.head_dim)
-
-    def generate(self, input_ids, attention_mask=None, max_new_tokens=None, max_length=None, min_new_tokens=None,
-                 do_sample=None, temperature=None, top_k=None, top_p=None, repetition_penalty=None,
-                 eos_token_id=None, pad_token_id=None, seed=None, streamer=None, rng=None):
-        """refimpl's generate (same arguments, same tokens), with a preallocated cache and accel's sampler."""
-        if self.head != "causal_lm":
-            raise InputError(f"{type(self).__name__} has no language-model head to generate with")
-        from .generate import generate
-
-        return generate(self, input_ids, attention_mask, max_new_tokens, max_length, min_new_tokens, do_sample,
-                        temperature, top_k, top_p, repetition_penalty, eos_token_id, pad_token_id, seed, streamer,
-                        rng)
 
     def weight_bytes(self):
         """Bytes of all parameters as stored (a tied embedding counted once)."""
@@ -411,8 +393,8 @@ class _LlamaStack(AccelModel):
                               hidden_states=hidden if output_hidden_states else None,
                               attentions=attn if output_attentions else None)
 
-    def _decoder_call(self, ids, mask, positions, cache):
-        return self._decoder(ids, mask, positions, cache, None, True, False, False)
+    def _decoder_call(self, ids, mask, positions, cache, output_attentions=False, output_hidden_states=False):
+        return self._decoder(ids, mask, positions, cache, None, True, output_attentions, output_hidden_states)
 
     def _last_logits(self, h):
         """Logits [B, V] of the last position only (what generate needs)."""
@@ -431,8 +413,8 @@ class _OPTStack(AccelModel):
                               hidden_states=hidden if output_hidden_states else None,
                               attentions=attn if output_attentions else None)
 
-    def _decoder_call(self, ids, mask, positions, cache):
-        return self._decoder(ids, mask, positions, cache, None, None, True, False, False)
+    def _decoder_call(self, ids, mask, positions, cache, output_attentions=False, output_hidden_states=False):
+        return self._decoder(ids, mask, positions, cache, None, None, True, output_attentions, output_hidden_states)
 
     def _last_logits(self, h):
         return ref_linear(h[:, -1], self.params["lm_head"])  # [B, E] -> [B, V]

@@ -81,7 +81,7 @@ def sample_row(scores, top_k, top_p, u):
 def sample(scores, top_k, top_p, rng):
     """tokens [B] from scores [B, V]: top_k (0 = off) then top_p (1.0 = off), then one draw per row from rng.
 
-    twin: refimpl.generate top_k_filter, top_p_filter and sample, in that order (temperature is applied before,
+    twin: refimpl.processors top_k, top_p and refimpl.generate sample, in that order (temperature is applied before,
     by refimpl.generate.temperature_scale).
     """
     scores = np.ascontiguousarray(scores, dtype=np.float32)

@@ -1,86 +1,172 @@
-"""Greedy and sampled generation with transformers' semantics (generation/utils.py `_sample`, logits_process.py).
+"""generate(): greedy, sampling, beam search and beam sampling with transformers 4.46.3's semantics.
 
 One prompt forward fills the KV cache; every further token costs one single-position forward. Positions come
 from the attention mask as transformers' prepare_inputs_for_generation makes them (cumsum - 1, pads at 1), so a
-left-padded batch generates what each row generates alone. Finished rows are filled with pad (:= eos when the
-checkpoint has no pad). Sampling draws from a NumPy Generator, so runs are reproducible from a seed; torch's
-random numbers cannot be reproduced, which is why the tests compare processed scores instead.
+left-padded batch generates what each row generates alone. Settings are generation_config.py's (every
+GenerationConfig field honoured or rejected); processors and stopping criteria are processors.py's, in
+transformers' order. Sampling draws from a NumPy Generator, so runs are reproducible from a seed; torch's random
+numbers cannot be reproduced, which is why the tests compare processed scores instead.
 
-Processor order (transformers' _get_logits_processor): repetition penalty, min-new-tokens; then, only when
-sampling, temperature, top-k, top-p.
+The loops are transformers' `_sample` (greedy and sampling) and `_beam_search` with `BeamSearchScorer` and
+`BeamHypotheses` (generation/utils.py, beam_search.py). A model takes part through three methods:
+generation_forward (one forward: next-token logits and the outputs), generation_cache (the empty cache it
+starts from) and reorder_cache (beam search's row gather); accel's models override them, nothing else.
+
+Shapes: B batch, K beams, N = B x K (or B x num_return_sequences) rows, T tokens so far, V vocabulary.
 """
 from __future__ import annotations
 
-import math
+import time
+from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import InputError
+from . import generation_config as gc
+from .errors import ConfigError, InputError
 from .inputs import attention_mask_2d, integer_array
 from .ops import softmax
-
-# GenerationConfig defaults (generation/configuration_utils.py:364-461)
-GENERATION_DEFAULTS = {"max_length": 20, "max_new_tokens": None, "min_new_tokens": 0, "do_sample": False,
-                       "temperature": 1.0, "top_k": 50, "top_p": 1.0, "repetition_penalty": 1.0,
-                       "eos_token_id": None, "pad_token_id": None, "bos_token_id": None}
-
-
-# --- logits processors: scores [B, V] -> scores [B, V]; -inf removes a token -------------------------------------
-
-def repetition_penalty(scores, input_ids, penalty):
-    """s/p where s > 0, s*p where s < 0, for every token id present in input_ids, counted once (prompt and pads too)."""
-    seen = np.take_along_axis(scores, input_ids, axis=-1)  # [B, L]
-    penalised = np.where(seen < 0, seen * penalty, seen / penalty)
-    out = scores.copy()
-    np.put_along_axis(out, input_ids, penalised, axis=-1)
-    return out
+from .formats.untrusted import summary
+from .processors import (apply_criteria, apply_processors, log_softmax, logits_processors, stop_strings_reachable,
+                         token_strings)
+from .processors import stopping_criteria as criteria_for
 
 
-def suppress_eos(scores, eos_token_ids):
-    """eos scores set to -inf (MinNewTokensLengthLogitsProcessor, while fewer than min_new_tokens are generated)."""
-    out = scores.copy()
-    out[:, eos_token_ids] = -np.inf
-    return out
+@dataclass
+class GenerateDecoderOnlyOutput:
+    """return_dict_in_generate=True for greedy and sampling: per-step tuples, as transformers' output class."""
+
+    sequences: np.ndarray = None
+    scores: tuple | None = None  # processed scores [N, V] per step (output_scores)
+    logits: tuple | None = None  # raw logits [N, V] per step (output_logits)
+    attentions: tuple | None = None  # per step: per layer [N, H, S, T]
+    hidden_states: tuple | None = None  # per step: L + 1 arrays [N, S, D]
+    past_key_values: tuple | None = None
 
 
-def temperature_scale(scores, temperature):
-    """s / T."""
-    return scores / temperature
+@dataclass
+class GenerateBeamDecoderOnlyOutput(GenerateDecoderOnlyOutput):
+    """return_dict_in_generate=True for beam search: adds the final scores and each token's beam."""
+
+    sequences_scores: np.ndarray | None = None  # [B x num_return_sequences] float32 (output_scores)
+    beam_indices: np.ndarray | None = None  # [B x num_return_sequences, T - L], -1 after the end (output_scores)
 
 
-def top_k_filter(scores, top_k):
-    """Keep the k largest scores (ties with the k-th kept), -inf elsewhere (TopKLogitsWarper)."""
-    k = min(max(top_k, 1), scores.shape[-1])
-    kth = np.sort(scores, axis=-1)[:, -k][:, None]  # [B, 1]
-    return np.where(scores < kth, -np.inf, scores)
+# --- settings ---------------------------------------------------------------------------------------------------
+
+def resolve_settings(model, generation_config=None, **given):
+    """Defaults < generation_config.json < generation_config= < arguments, each field checked (InputError)."""
+    try:
+        gc.layered(getattr(model, "generation_config", None) or {})  # a bad key in the file is a ConfigError
+    except InputError as exc:
+        raise ConfigError(str(exc)) from None
+    if generation_config is not None and not isinstance(generation_config, dict):
+        raise InputError(f"generation_config= must be a dict of settings, not {type(generation_config).__name__}")
+    s = gc.layered(getattr(model, "generation_config", None) or {}, generation_config, given)
+    gc.check_supported(s)
+    gc.check_values(s, model.config.vocab_size)
+    if s["pad_token_id"] is None and s["eos_token_id"]:
+        s["pad_token_id"] = s["eos_token_id"][0]  # transformers: pad := eos[0] (utils.py:1824)
+    return s
 
 
-def top_p_filter(scores, top_p):
-    """Keep the smallest set of top tokens whose probability reaches top_p (TopPLogitsWarper, ascending sort)."""
-    order = np.argsort(scores, axis=-1, kind="stable")  # ascending
-    sorted_scores = np.take_along_axis(scores, order, axis=-1)
-    cumulative = np.cumsum(softmax(sorted_scores), axis=-1)
-    remove_sorted = cumulative <= (1 - top_p)
-    remove_sorted[:, -1] = False  # min_tokens_to_keep = 1
-    remove = np.zeros_like(remove_sorted)
-    np.put_along_axis(remove, order, remove_sorted, axis=-1)
-    return np.where(remove, -np.inf, scores)
+def check_modes(s, streamer):
+    """The combinations transformers rejects (GenerationConfig.validate, generate's checks)."""
+    beams, n = s["num_beams"], s["num_return_sequences"]
+    if beams == 1 and not s["do_sample"] and n > 1:
+        raise InputError(f"num_return_sequences={n} needs sampling (do_sample=True) or beam search (num_beams > 1)")
+    if beams > 1 and n > beams:
+        raise InputError(f"num_return_sequences={n} is more than num_beams={beams}")
+    if beams > 1 and streamer is not None:
+        raise InputError("a streamer cannot be used with beam search (transformers does not support it either)")
 
 
-def process_scores(scores, input_ids, new_tokens, settings):
-    """Apply the processors transformers would build for these settings, in its order."""
-    if settings["repetition_penalty"] != 1.0:
-        scores = repetition_penalty(scores, input_ids, settings["repetition_penalty"])
-    if new_tokens < settings["min_new_tokens"] and settings["eos_token_id"]:
-        scores = suppress_eos(scores, settings["eos_token_id"])
-    if settings["do_sample"]:
-        if settings["temperature"] != 1.0:
-            scores = temperature_scale(scores, settings["temperature"])
-        if settings["top_k"]:
-            scores = top_k_filter(scores, settings["top_k"])
-        if settings["top_p"] < 1.0:
-            scores = top_p_filter(scores, settings["top_p"])
-    return scores
+def generation_positions(mask):
+    """Positions from the mask: cumsum - 1, and 1 at pads (prepare_inputs_for_generation, generation/utils.py:404-420)."""
+    positions = np.cumsum(mask, axis=1) - 1
+    return np.where(mask == 0, 1, positions)
+
+
+def prepare_generation(model, input_ids, attention_mask, generation_config=None, streamer=None, **given):
+    """(settings, prompt ids [B, L], mask [B, L]) with max_length set, every argument checked before any forward."""
+    s = resolve_settings(model, generation_config, **given)
+    check_modes(s, streamer)
+    ids = integer_array(input_ids, "input_ids", 2)
+    B, L = ids.shape
+    if L == 0:
+        raise InputError("the prompt is empty: generation needs at least one token (e.g. the bos token)")
+    if np.any(ids < 0) or np.any(ids >= model.config.vocab_size):
+        bad = int(ids[(ids < 0) | (ids >= model.config.vocab_size)][0])
+        raise InputError(f"input_ids holds {bad}, outside the vocabulary [0, {model.config.vocab_size})")
+    if s["max_new_tokens"] is not None:
+        s["max_length"] = s["max_new_tokens"] + L  # _prepare_generated_length: max_new_tokens wins
+    if s["min_new_tokens"] is not None:
+        s["min_length"] = s["min_new_tokens"] + L
+    if s["max_length"] is None:
+        raise InputError("max_length=None and max_new_tokens=None: give a length to stop at")
+    if L >= s["max_length"]:
+        raise InputError(f"the prompt has {L} tokens, max_length={s['max_length']}: nothing to generate "
+                         "(use max_new_tokens)")
+    limit = model.max_sequence_length()
+    if limit is not None and s["max_length"] > limit:
+        raise InputError(f"prompt ({L}) + new tokens = {s['max_length']} positions, more than this model allows "
+                         f"({limit})")
+    if attention_mask is None:
+        # transformers infers the mask only when pad occurs in the prompt and pad is not an eos token
+        pad = s["pad_token_id"]
+        infer = pad is not None and np.any(ids == pad) and pad not in s["eos_token_id"]
+        mask = (ids != pad).astype(np.int64) if infer else np.ones_like(ids)
+    else:
+        mask = attention_mask_2d(attention_mask, B, L)
+    return s, ids, mask
+
+
+def callables(value, name):
+    """A user processor or criterion list: callables taking (input_ids, scores)."""
+    if value is None:
+        return []
+    items = list(value) if isinstance(value, (list, tuple)) else [value]
+    for item in items:
+        if not callable(item):
+            raise InputError(f"{name} must be a list of callables (input_ids, scores), got {type(item).__name__}")
+    return items
+
+
+# --- one step ---------------------------------------------------------------------------------------------------
+
+def cache_length(cache):
+    """Positions a cache holds (0 for None or an empty cache)."""
+    return 0 if cache is None or len(cache) == 0 else int(np.shape(cache[0][0])[2])
+
+
+def next_logits(model, s, ids, mask, cache):
+    """The forward for the tokens the cache lacks -> (next-token logits [N, V], at least float32; outputs)."""
+    new = ids[:, cache_length(cache):] if s["use_cache"] else ids
+    positions = generation_positions(mask)[:, -new.shape[1]:]
+    logits, out = model.generation_forward(new, mask, positions, cache if s["use_cache"] else None,
+                                           s["output_attentions"], s["output_hidden_states"])
+    return logits.astype(np.promote_types(logits.dtype, np.float32)), out
+
+
+class Recorder:
+    """The per-step tuples return_dict_in_generate asks for."""
+
+    def __init__(self, s):
+        on = s["return_dict_in_generate"]
+        self.scores = [] if on and s["output_scores"] else None
+        self.logits = [] if on and s["output_logits"] else None
+        self.attentions = [] if on and s["output_attentions"] else None
+        self.hidden_states = [] if on and s["output_hidden_states"] else None
+
+    def add(self, scores, logits, out):
+        for store, value in ((self.scores, scores), (self.logits, logits), (self.attentions, out.attentions),
+                             (self.hidden_states, out.hidden_states)):
+            if store is not None:
+                store.append(value)
+
+    def fields(self):
+        as_tuple = lambda v: None if v is None else tuple(v)  # noqa: E731
+        return dict(scores=as_tuple(self.scores), logits=as_tuple(self.logits),
+                    attentions=as_tuple(self.attentions), hidden_states=as_tuple(self.hidden_states))
 
 
 def sample(scores, rng):
@@ -91,103 +177,215 @@ def sample(scores, rng):
     return np.minimum(np.sum(cdf <= u, axis=-1), scores.shape[-1] - 1)
 
 
-# --- settings ---------------------------------------------------------------------------------------------------
+# --- greedy and sampling (GenerationMixin._sample) ------------------------------------------------------------
 
-def resolve_settings(model, **given):
-    """Call arguments over generation_config.json over GenerationConfig defaults, checked (one InputError each)."""
-    settings = dict(GENERATION_DEFAULTS)
-    settings.update({k: v for k, v in getattr(model, "generation_config", {}).items() if k in GENERATION_DEFAULTS})
-    settings.update({k: v for k, v in given.items() if v is not None})
-    eos = settings["eos_token_id"]
-    settings["eos_token_id"] = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
-    if settings["pad_token_id"] is None and settings["eos_token_id"]:
-        settings["pad_token_id"] = settings["eos_token_id"][0]  # transformers: pad := eos[0]
-    for name in ("max_new_tokens", "max_length"):
-        value = settings[name]
-        if value is not None and (not isinstance(value, (int, np.integer)) or value <= 0):
-            raise InputError(f"{name}={value!r} must be a positive integer")
-    if not isinstance(settings["min_new_tokens"], (int, np.integer)) or settings["min_new_tokens"] < 0:
-        raise InputError(f"min_new_tokens={settings['min_new_tokens']!r} must be an integer >= 0")
-    if settings["do_sample"]:
-        t = settings["temperature"]
-        if not isinstance(t, (int, float)) or not math.isfinite(t) or t <= 0:
-            raise InputError(f"temperature={t!r} must be > 0 when sampling (use do_sample=False for greedy)")
-        p = settings["top_p"]
-        if not isinstance(p, (int, float)) or not 0 < p <= 1:
-            raise InputError(f"top_p={p!r} must be in (0, 1]")
-        k = settings["top_k"]
-        if not isinstance(k, (int, np.integer)) or k < 0:
-            raise InputError(f"top_k={k!r} must be an integer >= 0 (0 disables it)")
-    r = settings["repetition_penalty"]
-    if not isinstance(r, (int, float)) or not math.isfinite(r) or r <= 0:
-        raise InputError(f"repetition_penalty={r!r} must be > 0")
-    return settings
-
-
-def generation_positions(mask):
-    """Positions from the mask: cumsum - 1, and 1 at pads (prepare_inputs_for_generation, generation/utils.py:404-420)."""
-    positions = np.cumsum(mask, axis=1) - 1
-    return np.where(mask == 0, 1, positions)
-
-
-# --- the loop ---------------------------------------------------------------------------------------------------
-
-def prepare_generation(model, input_ids, attention_mask, **given):
-    """(settings, prompt ids [B, L], mask [B, L], max total length), every argument checked before any forward."""
-    s = resolve_settings(model, **given)
-    ids = integer_array(input_ids, "input_ids", 2)
-    B, L = ids.shape
-    if L == 0:
-        raise InputError("the prompt is empty: generation needs at least one token (e.g. the bos token)")
-    max_len = s["max_new_tokens"] + L if s["max_new_tokens"] is not None else s["max_length"]
-    if L >= max_len:
-        raise InputError(f"the prompt has {L} tokens, max_length={max_len}: nothing to generate "
-                         "(use max_new_tokens)")
-    limit = model.max_sequence_length()
-    if limit is not None and max_len > limit:
-        raise InputError(f"prompt ({L}) + new tokens = {max_len} positions, more than this model allows ({limit})")
-    if attention_mask is None:
-        # transformers infers the mask only when pad occurs in the prompt and pad is not an eos token
-        pad = s["pad_token_id"]
-        infer = pad is not None and np.any(ids == pad) and pad not in s["eos_token_id"]
-        mask = (ids != pad).astype(np.int64) if infer else np.ones_like(ids)
-    else:
-        mask = attention_mask_2d(attention_mask, B, L)
-    return s, ids, mask, max_len
-
-
-def generate(model, input_ids, attention_mask=None, max_new_tokens=None, max_length=None, min_new_tokens=None,
-             do_sample=None, temperature=None, top_k=None, top_p=None, repetition_penalty=None, eos_token_id=None,
-             pad_token_id=None, seed=None, streamer=None, rng=None):
-    """Prompt [B, L] -> sequences [B, L + new] (prompt then new tokens), as transformers' generate returns."""
-    s, ids, mask, max_len = prepare_generation(
-        model, input_ids, attention_mask, max_new_tokens=max_new_tokens, max_length=max_length,
-        min_new_tokens=min_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
-        repetition_penalty=repetition_penalty, eos_token_id=eos_token_id, pad_token_id=pad_token_id)
-    B, L = ids.shape
-    if s["do_sample"] and rng is None:
-        rng = np.random.default_rng(seed)
-
-    unfinished = np.ones(B, dtype=bool)
-    if streamer is not None:
-        streamer.put(ids)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=generation_positions(mask), use_cache=True,
-                **model.generation_forward_kwargs())
+def sample_loop(model, s, ids, mask, processors, criteria, rng, streamer, record):
+    """Pick a token per row until every row is done -> (sequences [N, T], last cache)."""
+    N = ids.shape[0]
+    unfinished = np.ones(N, dtype=bool)
+    cache = model.generation_cache(N, ids.shape[1], s["max_length"]) if s["use_cache"] else None
     while True:
-        scores = out.logits[:, -1, :].astype(np.promote_types(out.logits.dtype, np.float32))  # [B, V]
-        scores = process_scores(scores, ids, ids.shape[1] - L, s)
+        logits, out = next_logits(model, s, ids, mask, cache)
+        cache = out.past_key_values
+        scores = apply_processors(processors, ids, logits)
+        record.add(scores, logits, out)
         next_tokens = sample(scores, rng) if s["do_sample"] else np.argmax(scores, axis=-1)
         if s["eos_token_id"]:
             next_tokens = np.where(unfinished, next_tokens, s["pad_token_id"])  # finished rows get pad
         ids = np.concatenate([ids, next_tokens[:, None]], axis=1)
-        mask = np.concatenate([mask, np.ones((B, 1), dtype=mask.dtype)], axis=1)
+        mask = np.concatenate([mask, np.ones((N, 1), dtype=mask.dtype)], axis=1)
         if streamer is not None:
             streamer.put(next_tokens)
-        unfinished &= ~np.isin(next_tokens, s["eos_token_id"])
-        if ids.shape[1] >= max_len or not unfinished.any():
+        unfinished &= ~apply_criteria(criteria, ids, None if record.scores is None else tuple(record.scores))
+        if not unfinished.any():
+            return ids, cache
+
+
+# --- beam search (GenerationMixin._beam_search, BeamSearchScorer, BeamHypotheses) ------------------------------
+
+class Hypotheses:
+    """The n best finished beams of one prompt, scored sum_logprobs / generated_len ** length_penalty."""
+
+    def __init__(self, num_beams, length_penalty, early_stopping, max_length):
+        self.num_beams, self.length_penalty = num_beams, length_penalty
+        self.early_stopping, self.max_length = early_stopping, max_length
+        self.beams = []  # (score, ids, beam_indices)
+        self.worst_score = 1e9
+
+    def add(self, ids, sum_logprobs, beam_indices, generated_len):
+        score = sum_logprobs / (generated_len ** self.length_penalty)
+        if len(self.beams) < self.num_beams or score > self.worst_score:
+            self.beams.append((score, ids, beam_indices))
+            if len(self.beams) > self.num_beams:
+                ranked = sorted([(s, i) for i, (s, _, _) in enumerate(self.beams)])
+                del self.beams[ranked[0][1]]
+                self.worst_score = ranked[1][0]
+            else:
+                self.worst_score = min(score, self.worst_score)
+
+    def is_done(self, best_sum_logprobs, cur_len, prompt_len):
+        """No running beam can still beat the worst kept one (early_stopping True / False / "never")."""
+        if len(self.beams) < self.num_beams:
+            return False
+        if self.early_stopping is True:
+            return True
+        if self.early_stopping == "never" and self.length_penalty > 0.0:
+            best = best_sum_logprobs / (self.max_length - prompt_len) ** self.length_penalty
+        else:
+            best = best_sum_logprobs / (cur_len - prompt_len) ** self.length_penalty
+        return self.worst_score >= best
+
+
+def pick_candidates(scores, n, do_sample, rng):
+    """(scores, flat ids) of n candidates per prompt from [B, K x V]: the top n, or n drawn without replacement."""
+    if not do_sample:
+        top = np.argsort(-scores, axis=1, kind="stable")[:, :n]  # torch.topk(sorted=True)
+        return np.take_along_axis(scores, top, axis=1), top
+    probs = softmax(scores.astype(np.float64))
+    drawn = np.stack([rng.choice(scores.shape[1], size=n, replace=False, p=row / row.sum()) for row in probs])
+    picked = np.take_along_axis(scores, drawn, axis=1)
+    order = np.argsort(-picked, axis=1, kind="stable")
+    return np.take_along_axis(picked, order, axis=1), np.take_along_axis(drawn, order, axis=1)
+
+
+def beam_step(hyps, done, ids, cand_scores, cand_tokens, cand_beams, s, prompt_len, beam_indices):
+    """BeamSearchScorer.process: the K best non-eos continuations per prompt; eos continuations become hypotheses.
+    -> (beam scores [N], next tokens [N], source rows [N])."""
+    B, K = len(hyps), s["num_beams"]
+    eos = s["eos_token_id"]
+    cur_len = ids.shape[1] + 1
+    scores = np.zeros((B, K), np.float32)
+    tokens = np.zeros((B, K), np.int64)
+    rows = np.zeros((B, K), np.int64)
+    for b in range(B):
+        if done[b]:
+            scores[b], tokens[b], rows[b] = 0, s["pad_token_id"], 0  # transformers' filler for a finished prompt
+            continue
+        kept = 0
+        for rank, (token, score, beam) in enumerate(zip(cand_tokens[b], cand_scores[b], cand_beams[b])):
+            row = b * K + int(beam)
+            if eos and int(token) in eos:
+                if rank >= K:
+                    continue
+                index = beam_indices[row] + (row,) if beam_indices is not None else None
+                hyps[b].add(ids[row].copy(), float(score), index, cur_len - prompt_len)
+            else:
+                scores[b, kept], tokens[b, kept], rows[b, kept] = score, token, row
+                kept += 1
+            if kept == K:
+                break
+        if kept < K:
+            raise InputError(f"beam search found fewer than {K} non-eos candidates for prompt {b}: the eos ids "
+                             f"{eos} cover too many of the top {len(cand_tokens[b])}")
+        done[b] = done[b] or hyps[b].is_done(float(cand_scores[b].max()), cur_len, prompt_len)
+    return scores.reshape(-1), tokens.reshape(-1), rows.reshape(-1)
+
+
+def beam_finalize(hyps, done, ids, beam_scores, s, prompt_len, beam_indices):
+    """BeamSearchScorer.finalize: running beams join the hypotheses; the best num_return_sequences per prompt,
+    padded (and eos-terminated where shorter) -> (sequences, sequence scores float32, beam indices or None)."""
+    K, n = s["num_beams"], s["num_return_sequences"]
+    for b, hyp in enumerate(hyps):
+        if done[b]:
+            continue
+        for k in range(K):
+            row = b * K + k
+            index = beam_indices[row] if beam_indices is not None else None
+            hyp.add(ids[row], float(beam_scores[row]), index, ids.shape[1] - prompt_len)
+    best, best_scores = [], []
+    for hyp in hyps:
+        ranked = sorted(hyp.beams, key=lambda x: x[0])
+        for _ in range(n):
+            score, seq, index = ranked.pop()
+            best.append((seq, index))
+            best_scores.append(score)
+    lengths = [len(seq) for seq, _ in best]
+    width = min(max(lengths) + 1, s["max_length"])
+    if min(lengths) != max(lengths) and s["pad_token_id"] is None:
+        raise InputError("beam search ended with sequences of different lengths: set pad_token_id to pad them")
+    sequences = np.full((len(best), width), s["pad_token_id"] if min(lengths) != max(lengths) else 0, np.int64)
+    indices = np.full((len(best), width), -1, np.int64) if beam_indices is not None else None
+    for i, (seq, index) in enumerate(best):
+        sequences[i, :len(seq)] = seq
+        if indices is not None:
+            indices[i, :len(index)] = index
+        if len(seq) < width:
+            sequences[i, len(seq)] = s["eos_token_id"][0]
+    return sequences, np.array(best_scores, np.float32), indices
+
+
+def beam_search(model, s, ids, mask, processors, criteria, rng, record):
+    """K beams per prompt scored by summed log-probabilities -> (sequences, scores, beam indices, last cache)."""
+    B, L = ids.shape
+    K = s["num_beams"]
+    ids, mask = np.repeat(ids, K, axis=0), np.repeat(mask, K, axis=0)  # [N, L], rows b*K .. b*K+K-1
+    beam_scores = np.zeros((B, K), np.float32)
+    beam_scores[:, 1:] = -1e9  # only the first beam's tokens count at the first step (all beams are equal)
+    beam_scores = beam_scores.reshape(-1)
+    hyps = [Hypotheses(K, s["length_penalty"], s["early_stopping"], s["max_length"]) for _ in range(B)]
+    done = np.zeros(B, dtype=bool)
+    beam_indices = tuple(() for _ in range(B * K)) if record.scores is not None else None
+    n_candidates = max(2, 1 + len(s["eos_token_id"])) * K
+    cache = model.generation_cache(B * K, L, s["max_length"]) if s["use_cache"] else None
+    while True:
+        logits, out = next_logits(model, s, ids, mask, cache)
+        processed = apply_processors(processors, ids, log_softmax(logits))
+        record.add(processed, logits, out)
+        V = processed.shape[-1]
+        totals = (processed + beam_scores[:, None]).reshape(B, K * V)
+        cand_scores, cand = pick_candidates(totals, n_candidates, s["do_sample"], rng)
+        beam_scores, tokens, rows = beam_step(hyps, done, ids, cand_scores, cand % V, cand // V, s, L, beam_indices)
+        ids = np.concatenate([ids[rows], tokens[:, None]], axis=1)
+        mask = np.concatenate([mask, np.ones((B * K, 1), dtype=mask.dtype)], axis=1)
+        cache = model.reorder_cache(out.past_key_values, rows) if s["use_cache"] else None
+        if beam_indices is not None:
+            beam_indices = tuple(beam_indices[r] + (int(r),) for r in rows)
+        if done.all() or apply_criteria(criteria, ids, None if record.scores is None else tuple(record.scores)).all():
             break
-        out = model(input_ids=ids[:, -1:], attention_mask=mask, position_ids=generation_positions(mask)[:, -1:],
-                    past_key_values=out.past_key_values, use_cache=True, **model.generation_forward_kwargs())
+    sequences, scores, indices = beam_finalize(hyps, done, ids, beam_scores, s, L, beam_indices)
+    return sequences, scores, indices, cache
+
+
+# --- the entry point --------------------------------------------------------------------------------------------
+
+def generate(model, input_ids, attention_mask=None, *, generation_config=None, logits_processor=None,
+             stopping_criteria=None, prefix_allowed_tokens_fn=None, tokenizer=None, streamer=None, seed=None,
+             rng=None, **kwargs):
+    """Prompt [B, L] -> sequences [B x num_return_sequences, L + new] (or an output object with
+    return_dict_in_generate=True), as transformers' generate. kwargs are GenerationConfig fields."""
+    s, ids, mask = prepare_generation(model, input_ids, attention_mask, generation_config, streamer, **kwargs)
+    B, L = ids.shape
+    user_processors = callables(logits_processor, "logits_processor")
+    user_criteria = callables(stopping_criteria, "stopping_criteria")
+    strings = None
+    if s["stop_strings"] is not None:
+        if tokenizer is None:
+            raise InputError("stop_strings need the model's tokenizer: pass tokenizer=")
+        strings = token_strings(tokenizer, model.config.vocab_size)
+        if not stop_strings_reachable(strings, s["stop_strings"]):
+            raise InputError(f"stop_strings={summary(s['stop_strings'])}: no token of this vocabulary can end them")
+    if prefix_allowed_tokens_fn is not None and not callable(prefix_allowed_tokens_fn):
+        raise InputError("prefix_allowed_tokens_fn must be a callable (batch index, ids) -> allowed ids")
+    if rng is None and s["do_sample"]:
+        rng = np.random.default_rng(seed)
+    processors = logits_processors(s, L, user_processors, prefix_allowed_tokens_fn)
+    criteria = criteria_for(s, time.time(), strings, user_criteria)
+    record = Recorder(s)
+    if streamer is not None:
+        streamer.put(ids)
+    if s["num_beams"] > 1:
+        sequences, seq_scores, indices, cache = beam_search(model, s, ids, mask, processors, criteria, rng, record)
+        if not s["return_dict_in_generate"]:
+            return sequences
+        return GenerateBeamDecoderOnlyOutput(sequences=sequences, past_key_values=cache, **record.fields(),
+                                             sequences_scores=seq_scores if s["output_scores"] else None,
+                                             beam_indices=indices)
+    n = s["num_return_sequences"]
+    if n > 1:
+        ids, mask = np.repeat(ids, n, axis=0), np.repeat(mask, n, axis=0)  # _expand_inputs_for_generation
+    sequences, cache = sample_loop(model, s, ids, mask, processors, criteria, rng, streamer, record)
     if streamer is not None:
         streamer.end()
-    return ids
+    if not s["return_dict_in_generate"]:
+        return sequences
+    return GenerateDecoderOnlyOutput(sequences=sequences, past_key_values=cache, **record.fields())

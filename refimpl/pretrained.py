@@ -9,13 +9,17 @@ from __future__ import annotations
 
 import json
 import os
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .errors import CheckpointError, ConfigError, InputError
-from .inputs import integer_array
+from .inputs import token_labels
 from .stored import StoredMatrix, tile_rows
 from .weights import HEADS, convert_weights, list_checkpoint, parameter_dtype, read_model_config, rename, take
+
+if TYPE_CHECKING:  # a type hint only (refimpl.generate imports this module)
+    from .generate import GenerateDecoderOnlyOutput
 
 SUPPORTED_DTYPES = (np.float32, np.float64)
 
@@ -96,17 +100,31 @@ class PreTrainedModel:
                     "qa_outputs_bias": take(top, "qa_outputs_bias", (2,), dtype)}
         return {}
 
-    def generate(self, input_ids, attention_mask=None, max_new_tokens=None, max_length=None, min_new_tokens=None,
-                 do_sample=None, temperature=None, top_k=None, top_p=None, repetition_penalty=None,
-                 eos_token_id=None, pad_token_id=None, seed=None, streamer=None, rng=None):
-        """Prompt ids [B, L] -> sequences [B, L + new]: greedy by default, transformers' semantics (refimpl.generate)."""
+    def generate(self, input_ids, attention_mask=None, **kwargs) -> np.ndarray | GenerateDecoderOnlyOutput:
+        """Prompt ids [B, L] -> sequences [B, L + new], transformers' semantics (refimpl.generate.generate: every
+        GenerationConfig field as a keyword, plus generation_config=, logits_processor=, stopping_criteria=,
+        prefix_allowed_tokens_fn=, tokenizer= (for stop_strings), streamer=, seed= and rng=)."""
         if self.head != "causal_lm":
             raise InputError(f"{type(self).__name__} has no language-model head to generate with")
         from .generate import generate
 
-        return generate(self, input_ids, attention_mask, max_new_tokens, max_length, min_new_tokens, do_sample,
-                        temperature, top_k, top_p, repetition_penalty, eos_token_id, pad_token_id, seed, streamer,
-                        rng)
+        return generate(self, input_ids, attention_mask, **kwargs)
+
+    def generation_forward(self, ids, mask, positions, cache, output_attentions=False, output_hidden_states=False):
+        """One generate step: (logits of the last position [N, V], the forward's outputs)."""
+        out = self(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True,
+                   output_attentions=output_attentions, output_hidden_states=output_hidden_states,
+                   **self.generation_forward_kwargs())
+        return out.logits[:, -1], out
+
+    def generation_cache(self, rows, prompt_length, max_length):
+        """The cache generate starts from: None (the prompt forward makes one)."""
+        return None
+
+    @staticmethod
+    def reorder_cache(cache, rows):
+        """Beam search's gather: row i of the new cache is row rows[i] of the old (_temporary_reorder_cache)."""
+        return tuple((k[rows], v[rows]) for k, v in cache)
 
     def max_sequence_length(self):
         """The most positions a forward may reach (OPT's learned table), or None when RoPE has no hard limit."""
@@ -116,8 +134,9 @@ class PreTrainedModel:
         """Extra forward arguments transformers' generate passes for this class."""
         return {}
 
-    def _labels(self, labels):
-        return integer_array(labels, "labels", 2)
+    def _labels(self, labels, logits):
+        """The causal LM's labels, checked against the logits [B, S, V] they score."""
+        return token_labels(labels, logits.shape)
 
     def __repr__(self):
         c = self.config

@@ -18,6 +18,7 @@ from hypothesis import given, settings, strategies as st
 pytest.importorskip("numba", reason="accel needs Numba (pip install 'refimpl[accel]')")
 
 from refimpl import generate as ref_generate  # noqa: E402
+from refimpl import processors as ref_processors  # noqa: E402
 from refimpl import ops  # noqa: E402
 from accel import kernels_cpu as k  # noqa: E402
 from accel import quant, sampling  # noqa: E402
@@ -311,9 +312,9 @@ def test_sampling_draws_refimpls_token_from_the_same_random_number(values, top_k
     scores = np.array([values], dtype=np.float32)
     filtered = scores
     if top_k:
-        filtered = ref_generate.top_k_filter(filtered, top_k)
+        filtered = ref_processors.top_k(None, filtered, top_k)
     if top_p < 1.0:
-        filtered = ref_generate.top_p_filter(filtered, top_p)
+        filtered = ref_processors.top_p(None, filtered, top_p)
     expected = ref_generate.sample(filtered, np.random.default_rng(seed))
     got = sampling.sample(scores, top_k, top_p, np.random.default_rng(seed))
     assert got.dtype == np.int64

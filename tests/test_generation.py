@@ -8,7 +8,8 @@ from hypothesis import given, settings, strategies as st
 
 import refimpl
 from refimpl import InputError
-from refimpl.generate import generation_positions, process_scores, resolve_settings, sample, top_k_filter, top_p_filter
+from refimpl.generate import generation_positions, prepare_generation, sample
+from refimpl.processors import apply_processors, logits_processors, top_k as top_k_filter, top_p as top_p_filter
 from golden_cases import GOLDEN
 
 GEN_DIR = os.path.join(GOLDEN, "generation")
@@ -60,14 +61,15 @@ def test_processed_scores_match_transformers(name):
     for run, inputs, kwargs, sequences, scores in runs(name):
         if scores is None:
             continue
-        s = resolve_settings(m, **kwargs)
+        s, ids0, _ = prepare_generation(m, inputs["input_ids"], inputs.get("attention_mask"), **kwargs)
+        processors = logits_processors(s, ids0.shape[1])
         prompt = inputs["input_ids"].shape[1]
         mask0 = inputs.get("attention_mask", np.ones_like(inputs["input_ids"]))
         for t in range(scores.shape[0]):
             prefix = sequences[:, :prompt + t]
             mask = np.concatenate([mask0, np.ones((len(prefix), t), dtype=mask0.dtype)], axis=1)
             logits = m(input_ids=prefix, attention_mask=mask, position_ids=generation_positions(mask)).logits[:, -1]
-            ours = process_scores(logits, prefix, t, s)
+            ours = apply_processors(processors, prefix, logits)
             expected = scores[t]
             np.testing.assert_array_equal(np.isneginf(ours), np.isneginf(expected), err_msg=f"{name}/{run}/{t}")
             finite = np.isfinite(expected)
@@ -112,7 +114,7 @@ scores_strategy = st.integers(2, 40).flatmap(lambda v: st.lists(
 @given(values=scores_strategy, k=st.integers(1, 45), seed=st.integers(0, 2**32 - 1))
 def test_top_k_never_emits_a_token_outside_the_top_k(values, k, seed):
     scores = np.array([values], dtype=np.float32)
-    kept = top_k_filter(scores, k)
+    kept = top_k_filter(None, scores, k)
     kth = np.sort(scores[0])[::-1][min(k, len(values)) - 1]
     assert np.all(np.isfinite(kept[0]) == (scores[0] >= kth))
     token = sample(kept, np.random.default_rng(seed))[0]
@@ -123,7 +125,7 @@ def test_top_k_never_emits_a_token_outside_the_top_k(values, k, seed):
 @given(values=scores_strategy, p=st.floats(0.01, 1.0), seed=st.integers(0, 2**32 - 1))
 def test_top_p_keeps_the_smallest_set_reaching_p(values, p, seed):
     scores = np.array([values], dtype=np.float64)
-    kept = np.isfinite(top_p_filter(scores, p)[0])
+    kept = np.isfinite(top_p_filter(None, scores, p)[0])
     probs = np.exp(scores[0] - scores[0].max())
     probs /= probs.sum()
     assert kept.any()

@@ -35,12 +35,14 @@ import numpy as np
 from refimpl import ConfigError, InputError
 from refimpl import llama as ref_llama
 from refimpl import opt as ref_opt
-from refimpl.inputs import attention_mask_2d, integer_array, past_length, position_ids_2d, token_inputs
+from refimpl.inputs import (attention_mask_2d, head_mask_2d, learned_positions, past_length, position_ids_2d,
+                            token_inputs)
 from refimpl.ops import causal_mask, mask_min
 from refimpl.outputs import ModelOutput
 from refimpl.trace import NO_TRACE
 
 from . import kernels as K
+from ..generate import GenerationHooks
 
 F32 = np.float32
 F32_MIN = mask_min(F32)
@@ -496,25 +498,15 @@ def opt_position_ids(cfg, rows, mask2d, position_ids, T, B, S):
     if position_ids is None:
         position_ids = ref_opt.positions_from_mask(mask2d, T)
     else:
-        position_ids = integer_array(position_ids, "position_ids", 2)
-        if position_ids.shape[1] != S or position_ids.shape[0] not in (1, B):
-            raise InputError(f"position_ids has shape {list(position_ids.shape)}, expected [{B} or 1, {S}]")
-    offset = ref_opt.POSITION_OFFSET
-    if np.max(position_ids) + offset >= rows or np.min(position_ids) + offset < 0:
-        raise InputError(f"OPT position {int(np.max(position_ids))} is outside its learned table: "
-                         f"max_position_embeddings={cfg.max_position_embeddings} positions (0..{rows - 3})")
+        position_ids = position_ids_2d(position_ids, B, S, non_negative=False)
+    learned_positions(position_ids, ref_opt.POSITION_OFFSET, rows, cfg.max_position_embeddings)
     return position_ids
 
 
 def opt_head_mask(head_mask, cfg, xp):
     """head_mask [L, H] checked as refimpl.opt.opt_model checks it, on the device (or None)."""
-    if head_mask is None:
-        return None
-    head_mask = np.asarray(head_mask, dtype=F32)
-    L, H = cfg.num_hidden_layers, cfg.num_attention_heads
-    if head_mask.shape != (L, H):
-        raise InputError(f"head_mask has shape {list(head_mask.shape)}, expected [layers, heads] = [{L}, {H}]")
-    return _upload(xp, head_mask)
+    head_mask = head_mask_2d(head_mask, cfg.num_hidden_layers, cfg.num_attention_heads, F32)
+    return None if head_mask is None else _upload(xp, head_mask)
 
 
 def opt_embed(dparams, ids, embeds, positions, B, S, D, xp):
@@ -607,7 +599,7 @@ def _output(cache, hidden, attentions, use_cache, output_hidden_states, output_a
                        attentions=tuple(to_host(a) for a in attentions) if output_attentions else None)
 
 
-class CudaModel:
+class CudaModel(GenerationHooks):
     """What every cuda-backend class adds to its refimpl class: the array module, the weights format, the device
     cache, the device forward for generate, and accel's generate."""
 
@@ -628,19 +620,6 @@ class CudaModel:
     def _last_logits(self, h):
         """Logits [B, V] of the last position, computed on the device, as host float32 (what generate needs)."""
         return to_host(linear(self.xp.ascontiguousarray(h[:, -1]), self._lm_weight()))
-
-    def generate(self, input_ids, attention_mask=None, max_new_tokens=None, max_length=None, min_new_tokens=None,
-                 do_sample=None, temperature=None, top_k=None, top_p=None, repetition_penalty=None,
-                 eos_token_id=None, pad_token_id=None, seed=None, streamer=None, rng=None):
-        """refimpl's generate (same arguments, same tokens), on accel's loop (accel.generate): a device cache
-        allocated once, one forward per token, the last logits brought to the host for processors and sampler."""
-        if self.head != "causal_lm":
-            raise InputError(f"{type(self).__name__} has no language-model head to generate with")
-        from accel.generate import generate
-
-        return generate(self, input_ids, attention_mask, max_new_tokens, max_length, min_new_tokens, do_sample,
-                        temperature, top_k, top_p, repetition_penalty, eos_token_id, pad_token_id, seed, streamer,
-                        rng)
 
     def weight_bytes(self):
         """Bytes of all parameters as stored (a tied embedding counted once)."""
@@ -673,9 +652,9 @@ class _LlamaStack(CudaModel):
             position_ids, past_key_values, output_attentions, output_hidden_states)
         return h, _output(cache, hidden, attn, use_cache, output_hidden_states, output_attentions)
 
-    def _decoder_call(self, ids, mask, positions, cache):
+    def _decoder_call(self, ids, mask, positions, cache, output_attentions=False, output_hidden_states=False):
         """One forward for generate: (final hidden on the device, ModelOutput with the DeviceKVCache)."""
-        return self._device_decoder(ids, mask, positions, cache, None, True, False, False)
+        return self._device_decoder(ids, mask, positions, cache, None, True, output_attentions, output_hidden_states)
 
     def _lm_weight(self):
         return llama_lm_weight(self.params, self.config)
@@ -690,8 +669,9 @@ class _OPTStack(CudaModel):
                                              output_attentions, output_hidden_states)
         return h, _output(cache, hidden, attn, use_cache, output_hidden_states, output_attentions)
 
-    def _decoder_call(self, ids, mask, positions, cache):
-        return self._device_decoder(ids, mask, positions, cache, None, None, True, False, False)
+    def _decoder_call(self, ids, mask, positions, cache, output_attentions=False, output_hidden_states=False):
+        return self._device_decoder(ids, mask, positions, cache, None, None, True, output_attentions,
+                                    output_hidden_states)
 
     def _lm_weight(self):
         return self.params["lm_head"]

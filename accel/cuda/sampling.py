@@ -1,7 +1,7 @@
 """Top-k / top-p sampling on the device: one token per row of logits [B, V], the draw accel.sampling.sample makes
 from the same uniform u, without copying the vocabulary to the host and without sorting it.
 
-twin: accel.sampling.sample_row (itself refimpl.generate's top_k_filter, top_p_filter and sample, in that order).
+twin: accel.sampling.sample_row (itself refimpl.processors' top_k, top_p and refimpl.generate's sample, in that order).
 
 The host twin, for one row of scores s [V] (float32, -inf = removed) and u in [0, 1):
   1. top-k keeps the tokens with s_j >= the k-th largest score (ties with the k-th are all kept);
@@ -412,7 +412,7 @@ def sample(scores, top_k, top_p, u, out=None, threads=None, path=None, weight=No
     draws them). One block per row. `path` (int8 [B], optional) receives how each row was drawn (PARALLEL, SERIAL,
     EMPTY); `weight` (float64 [B, V], optional) is the scratch, allocated here when not given.
 
-    twin: accel.sampling.sample_row (refimpl.generate top_k_filter, top_p_filter, sample); equal token for token,
+    twin: accel.sampling.sample_row (refimpl.processors top_k, top_p, refimpl.generate sample); equal token for token,
     except as the module docstring states (a top-p cumulative mass within float64 rounding of 1 - top_p).
     """
     xp = _module(scores)

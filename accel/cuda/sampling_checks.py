@@ -94,14 +94,14 @@ def check_kept(dev, host, scores, top_k, top_p, expected_kept, threads=None):
     kernel (equal to the host twin on every u tried) draws by the renormalised distribution over expected_kept: at
     the middle of each token's interval, and just below and just above each interval's end (a token kept or removed
     by mistake shifts an end, or adds an interval there), and at both ends of [0, 1)."""
-    from refimpl.generate import top_k_filter, top_p_filter
+    from refimpl.processors import top_k as top_k_filter, top_p as top_p_filter
 
     row = np.asarray(scores, np.float32)
     filtered = row[None]
     if top_k:
-        filtered = top_k_filter(filtered, top_k)
+        filtered = top_k_filter(None, filtered, top_k)
     if top_p < 1.0:
-        filtered = top_p_filter(filtered, top_p)
+        filtered = top_p_filter(None, filtered, top_p)
     kept = sorted(expected_kept)
     assert np.flatnonzero(filtered[0] > -np.inf).tolist() == kept, (np.flatnonzero(filtered[0] > -np.inf), kept)
     w = np.exp(row[kept].astype(np.float64) - row.max())
