@@ -8,7 +8,11 @@ Needs NumPy only (sentencepiece is imported when a Llama tokenizer is loaded).
 """
 from __future__ import annotations
 
+import os
+from typing import TYPE_CHECKING
+
 import numpy as np
+from numpy.typing import DTypeLike
 
 from .config import LlamaConfig, OPTConfig, from_hf_config, read_config
 from .errors import CheckpointError, ConfigError, InputError, RefimplError
@@ -16,7 +20,13 @@ from .llama import (LlamaForCausalLM, LlamaForSequenceClassification, LlamaModel
                     OpenLlamaForSequenceClassification, OpenLlamaModel)
 from .opt import OPTForCausalLM, OPTForQuestionAnswering, OPTForSequenceClassification, OPTModel
 from .outputs import ModelOutput
+from .streamers import TextIteratorStreamer, TextStreamer
 from .weights import read_model_config
+
+from .pretrained import PreTrainedModel
+
+if TYPE_CHECKING:  # the tokenizers load when a tokenizer does (refimpl.load_tokenizer)
+    from .tokenizers.base import Tokenizer
 
 __version__ = "0.1.0"
 
@@ -32,7 +42,8 @@ CAUSAL_LM_FOR_MODEL_TYPE = {"llama": LlamaForCausalLM, "open-llama": OpenLlamaFo
 BACKENDS = ("numpy", "numba", "cuda")
 
 
-def load(path, dtype=np.float32, backend="numpy", weights_dtype=None, **backend_options):
+def load(path: str | os.PathLike, dtype: DTypeLike = np.float32, backend: str = "numpy",
+         weights_dtype: str | None = None, **backend_options) -> PreTrainedModel:
     """A Hugging Face checkpoint folder (or a .gguf file) -> the model class its config names, computing in `dtype`.
 
     backend="numpy" is this package, the reference. "numba" and "cuda" hand the same checkpoint to accel/, whose
@@ -66,7 +77,7 @@ def load(path, dtype=np.float32, backend="numpy", weights_dtype=None, **backend_
     return cls.from_pretrained(path, dtype=dtype, weights_dtype=weights_dtype)
 
 
-def load_tokenizer(path, **overrides):
+def load_tokenizer(path: str | os.PathLike, **overrides) -> Tokenizer:
     """A tokenizer folder (tokenizer.model or vocab.json + merges.txt) -> a tokenizer (see refimpl.tokenizers).
 
     Keyword overrides replace tokenizer_config.json values, e.g. load_tokenizer(path, legacy=False).
@@ -78,5 +89,6 @@ def load_tokenizer(path, **overrides):
 
 __all__ = [
     "load", "load_tokenizer", "LlamaConfig", "OPTConfig", "from_hf_config", "read_config", "ModelOutput",
-    "RefimplError", "ConfigError", "CheckpointError", "InputError", *ARCHITECTURES,
+    "RefimplError", "ConfigError", "CheckpointError", "InputError", "TextStreamer", "TextIteratorStreamer",
+    *ARCHITECTURES,
 ]

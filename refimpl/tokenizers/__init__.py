@@ -4,6 +4,7 @@
     ids = tok.encode("Hello world")            # with bos (and eos if the config says so)
     text = tok.decode(ids, skip_special_tokens=True)
     batch = tok(["a", "b c"], padding=True)    # {"input_ids", "attention_mask"}: int64 arrays
+    ids = tok.apply_chat_template([{"role": "user", "content": "Hi"}])   # chat.py; needs jinja2
 
 Llama / Open-Llama: the slow LlamaTokenizer, backed by sentencepiece (imported only then). Without
 sentencepiece, tokenizer.json is read in pure Python instead, which reproduces LlamaTokenizerFast.
@@ -19,7 +20,9 @@ from pathlib import Path
 
 from .added_tokens import SPECIAL_TOKEN_NAMES, check_special_token
 from .base import Tokenizer, check_text
+from .chat import read_chat_template
 from .errors import (
+    ChatTemplateError,
     InputTypeError,
     InvalidTextError,
     InvalidTokenIdError,
@@ -46,6 +49,7 @@ __all__ = [
     "InvalidTextError",
     "InputTypeError",
     "TokenizerUsageError",
+    "ChatTemplateError",
     "check_text",
 ]
 
@@ -61,7 +65,7 @@ MODEL_TYPES = {"llama": "llama", "open-llama": "llama", "open_llama": "llama", "
 # What load_tokenizer accepts as keyword overrides (like from_pretrained's kwargs).
 OVERRIDES = {
     "legacy", "add_bos_token", "add_eos_token", "add_prefix_space", "padding_side", "clean_up_tokenization_spaces",
-    "bos_token", "eos_token", "unk_token", "pad_token", "additional_special_tokens",
+    "bos_token", "eos_token", "unk_token", "pad_token", "additional_special_tokens", "chat_template",
 }
 # The tokenizer_config.json fields we read that are not tokens, with the JSON types each may have. null means
 # "not set" where transformers takes it so (a null add_bos_token is falsy there too). Tokens (bos_token, ...,
@@ -91,9 +95,11 @@ def load_tokenizer(path, **overrides) -> Tokenizer:
     except TokenizerFileError as e:
         raise TokenizerUsageError(str(e)) from None
     family = _family(folder, config)
-    if family == "llama":
-        return _load_llama(folder, config, overrides)
-    return _load_gpt2(folder, config, overrides)
+    tokenizer = _load_llama(folder, config, overrides) if family == "llama" else _load_gpt2(folder, config, overrides)
+    # None, a template, or {name: template} (the config's list of named templates); checked by check_settings
+    tokenizer.chat_template = read_chat_template(overrides.get("chat_template", config.get("chat_template")),
+                                                 config_file)
+    return tokenizer
 
 
 def check_settings(settings: dict, where) -> dict:
@@ -104,6 +110,8 @@ def check_settings(settings: dict, where) -> dict:
             expect(value, SETTING_TYPES[name], where, name)
         elif name in (*SPECIAL_TOKEN_NAMES, "additional_special_tokens"):
             check_special_token(name, value, where)
+        elif name == "chat_template":
+            read_chat_template(value, where)
     side = settings.get("padding_side", "right")
     if side not in ("left", "right"):
         raise TokenizerFileError(f"{where}: padding_side must be 'left' or 'right', got {summary(side)}")

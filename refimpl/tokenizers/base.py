@@ -27,6 +27,8 @@ class Tokenizer:
     vocab_size: int  # the model's own vocabulary, without added tokens (transformers' tokenizer.vocab_size)
     padding_side: str = "right"
     clean_up_tokenization_spaces: bool = False
+    chat_template: str | dict | None = None  # tokenizer_config.json's chat_template (named templates: a dict)
+    default_chat_template: str | None = None  # the built-in template used when there is none ("llama-2" for Llama)
 
     # ----------------------------------------------------------------------------------------------------------
     # ids of the special tokens
@@ -153,6 +155,39 @@ class Tokenizer:
     def _cleans_up(self, clean_up) -> bool:
         """decode's clean_up_tokenization_spaces argument, None meaning the tokenizer's own setting."""
         return bool(self.clean_up_tokenization_spaces if clean_up is None else clean_up)
+
+    # ----------------------------------------------------------------------------------------------------------
+    # chat templates (chat.py; jinja2 is imported only here)
+    # ----------------------------------------------------------------------------------------------------------
+    def apply_chat_template(self, conversation, tools=None, documents=None, chat_template=None,
+                            add_generation_prompt=False, continue_final_message=False, tokenize=True, padding=False,
+                            truncation=False, max_length=None, return_tensors=None, return_dict=False,
+                            return_assistant_tokens_mask=False, tokenizer_kwargs=None, **kwargs):
+        """A conversation [{"role": ..., "content": ...}, ...] (or a list of them) -> the model's prompt, as
+        transformers' apply_chat_template: ids (encoded without adding special tokens: the template writes them),
+        the text with tokenize=False, or {"input_ids", "attention_mask"} with return_dict=True.
+
+        chat_template: a Jinja template, the name of one in tokenizer_config.json, or "llama-2" (built in); by
+        default the config's, else for Llama tokenizers "llama-2". add_generation_prompt: end with the header of an
+        assistant reply (if the template has one). continue_final_message: end inside the last message, so the model
+        continues it. Other keyword arguments become template variables, next to messages, tools, documents,
+        add_generation_prompt and the special tokens (bos_token, eos_token, ... as strings). Needs jinja2
+        (pip install 'refimpl[chat]'). Errors: ChatTemplateError, InputTypeError, TokenizerUsageError.
+        """
+        from .chat import apply_chat_template
+
+        return apply_chat_template(
+            self, conversation, tools=tools, documents=documents, chat_template=chat_template,
+            add_generation_prompt=add_generation_prompt, continue_final_message=continue_final_message,
+            tokenize=tokenize, padding=padding, truncation=truncation, max_length=max_length,
+            return_tensors=return_tensors, return_dict=return_dict,
+            return_assistant_tokens_mask=return_assistant_tokens_mask, tokenizer_kwargs=tokenizer_kwargs, **kwargs)
+
+    def get_chat_template(self, chat_template=None, tools=None) -> str:
+        """The template text apply_chat_template would use (see chat.get_chat_template)."""
+        from .chat import get_chat_template
+
+        return get_chat_template(self, chat_template, tools)
 
     # ----------------------------------------------------------------------------------------------------------
     # streaming

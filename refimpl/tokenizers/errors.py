@@ -37,3 +37,9 @@ class InputTypeError(RefimplError, TypeError):
 
 class StreamDecodeError(RefimplError):
     """Streamed text would differ from the full decode. Never expected: it means a bug in the streaming rules."""
+
+
+class ChatTemplateError(RefimplError):
+    """apply_chat_template could not render: no template (and no built-in default for this tokenizer), a named
+    template that does not exist, a template with a syntax error or one that failed while rendering, the template's
+    own raise_exception(message) (the message is in the error), or jinja2 not installed (pip install 'refimpl[chat]')."""

@@ -44,6 +44,8 @@ def load_sentencepiece(spm, model: bytes, where: Path):
 class LlamaTokenizer(Tokenizer):
     """transformers' LlamaTokenizer (slow), configured from tokenizer_config.json and keyword overrides."""
 
+    default_chat_template = "llama-2"  # refimpl's default without a chat_template (chat.py)
+
     def __init__(self, folder: Path, config: dict, overrides: dict):
         import sentencepiece as spm  # lazily: `import refimpl` needs numpy and the standard library only
 

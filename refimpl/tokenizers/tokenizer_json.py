@@ -94,6 +94,8 @@ def bpe_merge(symbols: list[str], ranks: dict[tuple[str, str], int]) -> list[str
 class LlamaJsonTokenizer(Tokenizer):
     """LlamaTokenizerFast, from tokenizer.json and tokenizer_config.json, without sentencepiece or tokenizers."""
 
+    default_chat_template = "llama-2"  # refimpl's default without a chat_template (chat.py)
+
     def __init__(self, folder: Path, config: dict, overrides: dict):
         path = folder / "tokenizer.json"
         self.source = str(path)
