@@ -120,6 +120,17 @@ def prepare_generation(model, input_ids, attention_mask, generation_config=None,
     return s, ids, mask
 
 
+def random_generator(seed, rng):
+    """The sampler's NumPy Generator: rng as given, else one seeded with seed (None: fresh entropy)."""
+    if rng is not None:
+        if not isinstance(rng, np.random.Generator):
+            raise InputError(f"rng must be a numpy.random.Generator, got {type(rng).__name__}")
+        return rng
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0):
+        raise InputError(f"seed={summary(seed)} must be an integer >= 0")
+    return np.random.default_rng(seed)
+
+
 def callables(value, name):
     """A user processor or criterion list: callables taking (input_ids, scores)."""
     if value is None:
@@ -359,15 +370,16 @@ def generate(model, input_ids, attention_mask=None, *, generation_config=None, l
     user_criteria = callables(stopping_criteria, "stopping_criteria")
     strings = None
     if s["stop_strings"] is not None:
-        if tokenizer is None:
-            raise InputError("stop_strings need the model's tokenizer: pass tokenizer=")
+        if tokenizer is None or not callable(getattr(tokenizer, "decode", None)):
+            raise InputError("stop_strings need the model's tokenizer: pass tokenizer= (refimpl.load_tokenizer)")
         strings = token_strings(tokenizer, model.config.vocab_size)
         if not stop_strings_reachable(strings, s["stop_strings"]):
             raise InputError(f"stop_strings={summary(s['stop_strings'])}: no token of this vocabulary can end them")
     if prefix_allowed_tokens_fn is not None and not callable(prefix_allowed_tokens_fn):
         raise InputError("prefix_allowed_tokens_fn must be a callable (batch index, ids) -> allowed ids")
-    if rng is None and s["do_sample"]:
-        rng = np.random.default_rng(seed)
+    rng = random_generator(seed, rng) if s["do_sample"] else None
+    if streamer is not None and not (callable(getattr(streamer, "put", None)) and callable(getattr(streamer, "end", None))):
+        raise InputError(f"streamer must have put(ids) and end() (transformers' protocol), got {type(streamer).__name__}")
     processors = logits_processors(s, L, user_processors, prefix_allowed_tokens_fn)
     criteria = criteria_for(s, time.time(), strings, user_criteria)
     record = Recorder(s)

@@ -92,6 +92,9 @@ def prefix_allowed(input_ids, scores, allowed_tokens, num_beams):
         allowed = list(allowed_tokens(row // num_beams, ids))
         if not allowed:
             raise InputError(f"prefix_allowed_tokens_fn returned no tokens for batch index {row // num_beams}")
+        if not all(isinstance(t, (int, np.integer)) and 0 <= t < scores.shape[-1] for t in allowed):
+            raise InputError(f"prefix_allowed_tokens_fn returned {allowed[:8]}...: expected token ids in "
+                             f"[0, {scores.shape[-1]})")
         mask[row, allowed] = 0
     return scores + mask
 

@@ -247,6 +247,12 @@ def test_max_time_stops_generation():
     ({"generation_config": "greedy"}, "generation_config"),
     ({"logits_processor": [3]}, "logits_processor"),
     ({"num_beams": 2, "streamer": object()}, "streamer"),
+    ({"streamer": 5}, "streamer"),
+    ({"do_sample": True, "seed": "x"}, "seed"),
+    ({"do_sample": True, "seed": -1}, "seed=-1"),
+    ({"do_sample": True, "rng": 5}, "rng"),
+    ({"stop_strings": ["a"], "tokenizer": 5}, "tokenizer="),
+    ({"prefix_allowed_tokens_fn": lambda b, ids: [10**9]}, "prefix_allowed_tokens_fn"),
 ])
 def test_unsupported_or_bad_settings_raise_naming_the_setting(kwargs, message):
     with pytest.raises(InputError, match=message):
