@@ -49,6 +49,34 @@ def drop_stale_cache(here=None):
 drop_stale_cache()
 
 
+def kernel_cache_dir():
+    """The folder where Numba keeps accel's compiled kernels: accel/__pycache__, or where NUMBA_CACHE_DIR or a
+    read-only install sends them (Numba's own locator decides, as for every kernel). None under NUMBA_DISABLE_JIT."""
+    if JIT_DISABLED:
+        return None
+
+    def probe():  # never compiled: a cached dispatcher locates its cache folder when it is made
+        return 0
+
+    return njit()(probe)._cache.cache_path
+
+
+def kernels_cached():
+    """True when Numba's on-disk cache already holds compiled accel kernels, so a load runs without the ~20 s
+    compile of a first run on this machine (the CLI says so before a cold one). Call after import (drop_stale_cache
+    has then emptied a stale cache). True under NUMBA_DISABLE_JIT (nothing compiles)."""
+    try:
+        folder = kernel_cache_dir()
+    except (OSError, RuntimeError):  # no folder Numba may cache in: every run compiles
+        return False
+    if folder is None:
+        return True
+    try:
+        return any(name.endswith(".nbi") for name in os.listdir(folder))
+    except OSError:
+        return False
+
+
 def njit(parallel=False, fastmath=False, inline="never"):
     """numba.njit(cache=True, nogil=True, error_model="numpy", ...): lazy, so a kernel compiles (or loads from the
     cache) on first use. error_model="numpy": a float division by zero gives inf or nan, as in the NumPy twin, instead

@@ -1,27 +1,41 @@
-"""The `refimpl` command line (also `python -m refimpl`).
+"""The `refimpl` command line (also `python -m refimpl`). docs/cli.md describes every command and habit.
 
-    refimpl generate MODEL -p "Once upon a time" [-n 64] [--do-sample --temp 0.8 --top-k 40 --top-p 0.95 --seed 1]
+    refimpl generate MODEL -p "Once upon a time" [-n 64] [--temp 0.8 --top-k 40 --top-p 0.95 --seed 1] [--greedy]
     refimpl generate MODEL --ids 1,17,42 --verbose-prompt
     refimpl next-token MODEL --ids 1,17,42 [--top-k 5] [--dtype float64]
+    refimpl perplexity MODEL FILE|- [-c CTX] [--stride S] [--json FILE|-]
+    refimpl bench MODEL [-p 128] [-n 64] [-r 5] [-o md|json] [--backend numba --weights int8 -t 2]
     refimpl inspect PATH
     refimpl convert SRC DST [--max-shard-size 5GB] [--dtype f32|f16|bf16] [--force]
     refimpl golden MODEL (--ids 1,17,42 | --prompt TEXT) -o pack.safetensors [--dtype float64] [--summary] [--compare-dtypes]
     refimpl diff REF.safetensors PORT.safetensors|PORT_LOGITS.bin [--atol A] [--rtol R] [--skip GLOB] [--json FILE]
+
+Every command takes its model as MODEL or -m MODEL, -q/--quiet and -v/--verbose; errors are one line
+(`refimpl: error: ...`, exit status 2) naming the flag at fault.
 """
 from __future__ import annotations
 
-import argparse
+import inspect as pyinspect
+import math
 import os
 import sys
 import time
+import warnings
 
 import numpy as np
 
+from . import bench as bench_command
 from . import convert as convert_command
 from . import inspect as inspect_command
+from . import perplexity as perplexity_command
+from .cli_common import (BACKENDS, WEIGHT_FORMATS, Parser, accept_model_flag, add_backend_arguments,  # noqa: F401
+                         add_log_arguments, add_model_argument, announce_compile, cli_message, load_options, log,
+                         positive_int, resolve_model, show_warning, start_logging)
 from .oracle_cli import add_parsers as add_oracle_parsers
 from .errors import InputError, RefimplError
 from .ops import softmax
+
+_positive_int = positive_int  # the name accel/cli_options.py and older callers know
 
 
 def parse_ids(text: str) -> list[int]:
@@ -39,11 +53,15 @@ def parse_ids(text: str) -> list[int]:
 def next_token(args) -> int:
     from . import load
 
+    if args.top_k < 1:
+        raise InputError(f"--top-k {args.top_k}: must be >= 1 (how many candidates to print)")
+    ids = parse_ids(args.ids)
     dtype = {"float32": np.float32, "float64": np.float64}[args.dtype]
-    model = load(args.model, dtype=dtype, **load_options(args))
+    options = load_options(args)
+    announce_compile(args)
+    model = load(args.model, dtype=dtype, **options)
     if model.head != "causal_lm":
         raise InputError(f"{args.model} holds a {type(model).__name__}, which has no language-model head")
-    ids = parse_ids(args.ids)
     logits = model(input_ids=[ids]).logits[0, -1]  # [V] at the last position
     probs = softmax(logits.astype(np.float64))
     k = min(args.top_k, logits.shape[-1])
@@ -83,14 +101,20 @@ def load_tokenizer_for(path):
 
 
 class PrintStreamer:
-    """transformers' streamer protocol: put(prompt ids), put(new ids) per step, end(). Prints text as it becomes final."""
+    """transformers' streamer protocol: put(prompt ids), put(new ids) per step, end(). Prints text as it becomes final.
+
+    token_times[i] is when new token i arrived (perf_counter), for the stats line."""
 
     def __init__(self, tokenizer, out=None):
         self.tokenizer, self.out = tokenizer, out or sys.stdout  # looked up now, not at import
         self.decoder = tokenizer.stream_decoder(skip_special_tokens=True) if tokenizer is not None else None
         self.prompt_seen = False
         self.new_tokens = 0
-        self.first_token_time = None
+        self.token_times = []
+
+    @property
+    def first_token_time(self):
+        return self.token_times[0] if self.token_times else None
 
     def put(self, ids):
         if not self.prompt_seen:  # the prompt is printed too, so the text reads on (and spaces join as in decode)
@@ -99,8 +123,7 @@ class PrintStreamer:
                 self._write(self.decoder.push(int(token)) if self.decoder else f"{int(token)} ")
             return
         self.new_tokens += 1
-        if self.first_token_time is None:
-            self.first_token_time = time.perf_counter()
+        self.token_times.append(time.perf_counter())
         token = int(np.asarray(ids).reshape(-1)[0])
         self._write(self.decoder.push(token) if self.decoder else f"{token} ")
 
@@ -115,20 +138,73 @@ class PrintStreamer:
             self.out.flush()
 
 
+# Flags that turn sampling on in `generate` (unless --greedy), as llama.cpp's sampling flags do.
+SAMPLING_FLAGS = (("--temp", "temperature"), ("--top-k", "top_k"), ("--top-p", "top_p"), ("--min-p", "min_p"),
+                  ("--seed", "seed"))
+
+
+def sampling_settings(args, model):
+    """(whether generate will sample, the keyword arguments for model.generate), only flags given passed on.
+
+    --do-sample / --greedy decide when given; otherwise any of --temp, --top-k, --top-p, --min-p, --seed turns
+    sampling on; with none of them, do_sample is left to generation_config.json (greedy when it has none)."""
+    given = [flag for flag, name in SAMPLING_FLAGS if getattr(args, name) is not None]
+    if args.do_sample is False and given:
+        warnings.warn(f"{', '.join(given)} ignored: --greedy decodes greedily")
+    do_sample = args.do_sample if args.do_sample is not None else (True if given else None)
+    sampling = do_sample if do_sample is not None else bool((getattr(model, "generation_config", None) or {})
+                                                            .get("do_sample"))
+    kwargs = {"max_new_tokens": args.max_new_tokens, "min_new_tokens": args.min_new_tokens,
+              "repetition_penalty": args.repetition_penalty, "do_sample": do_sample}
+    if sampling:
+        kwargs.update(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p)
+        if args.min_p is not None and not accepts_keyword(model.generate, "min_p"):
+            raise InputError("--min-p: this version of refimpl's generate() has no min-p sampling")
+    return sampling, {name: value for name, value in kwargs.items() if value is not None}
+
+
+def accepts_keyword(function, name):
+    parameters = pyinspect.signature(function).parameters
+    return name in parameters or any(p.kind is p.VAR_KEYWORD for p in parameters.values())
+
+
+def check_sampling_values(args):
+    """Each generation flag's value, checked here so that the error names the flag."""
+    if args.temperature is not None and (not math.isfinite(args.temperature) or args.temperature <= 0):
+        raise InputError(f"--temp {args.temperature}: must be > 0 (for greedy decoding use --greedy)")
+    if args.top_k is not None and args.top_k < 0:
+        raise InputError(f"--top-k {args.top_k}: must be >= 0 (0 disables top-k)")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        raise InputError(f"--top-p {args.top_p}: must be in (0, 1]")
+    if args.min_p is not None and not 0 <= args.min_p <= 1:
+        raise InputError(f"--min-p {args.min_p}: must be in [0, 1]")
+    if args.repetition_penalty is not None and (not math.isfinite(args.repetition_penalty)
+                                                or args.repetition_penalty <= 0):
+        raise InputError(f"--repetition-penalty {args.repetition_penalty}: must be > 0")
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
+        raise InputError(f"-n/--max-new-tokens {args.max_new_tokens}: must be >= 1")
+    if args.min_new_tokens is not None and args.min_new_tokens < 0:
+        raise InputError(f"--min-new-tokens {args.min_new_tokens}: must be >= 0")
+
+
 def generate_cmd(args) -> int:
     from . import load
 
+    check_sampling_values(args)
+    ids = parse_ids(args.ids) if args.ids is not None else None
+    text = read_prompt(args) if ids is None else None
+    if ids is None and text is None:
+        raise InputError("give a prompt: -p TEXT, -f FILE (- for stdin) or --ids 1,17,42")
     dtype = {"float32": np.float32, "float64": np.float64}[args.dtype]
-    model = load(args.model, dtype=dtype, **load_options(args))
+    options = load_options(args)
+    compiling = announce_compile(args)
+    start = time.perf_counter()
+    model = load(args.model, dtype=dtype, **options)
+    log.info("loaded %s (%s) in %.2f s", args.model, type(model).__name__, time.perf_counter() - start)
     if model.head != "causal_lm":
         raise InputError(f"{args.model} holds a {type(model).__name__}, which has no language-model head")
     tokenizer = load_tokenizer_for(args.model)
-    if args.ids is not None:
-        ids = parse_ids(args.ids)
-    else:
-        text = read_prompt(args)
-        if text is None:
-            raise InputError("give a prompt: --prompt TEXT, --prompt-file FILE (- for stdin) or --ids 1,17,42")
+    if ids is None:
         if tokenizer is None:
             raise InputError(f"{args.model} has no tokenizer files (tokenizer.model, tokenizer.json or vocab.json): "
                              "give token ids with --ids instead")
@@ -140,117 +216,152 @@ def generate_cmd(args) -> int:
         for token in ids:
             piece = repr(tokenizer.decode([token])) if tokenizer is not None else ""
             print(f"  {token:>6} {piece}", file=sys.stderr)
+    sampling, kwargs = sampling_settings(args, model)
     seed = args.seed
-    if args.do_sample and seed is None:
+    if sampling and seed is None:
         seed = int.from_bytes(os.urandom(4), "little")  # reported at the end so the run can be repeated
     streamer = PrintStreamer(tokenizer)
     start = time.perf_counter()
     interrupted = False
     try:
-        model.generate([ids], max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens,
-                       do_sample=args.do_sample, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                       repetition_penalty=args.repetition_penalty, seed=seed, streamer=streamer)
+        model.generate([ids], streamer=streamer, **({"seed": seed} if sampling else {}), **kwargs)
     except KeyboardInterrupt:
         interrupted = True
         if streamer.decoder is not None:
             streamer._write(streamer.decoder.finish())
         streamer._write("\n")
     end = time.perf_counter()
-    first = streamer.first_token_time or end
-    steps = max(streamer.new_tokens - 1, 0)
-    rate = f"{steps / (end - first):.1f} tokens/s" if steps and end > first else "n/a"
-    print(f"[{'interrupted, ' if interrupted else ''}prompt {len(ids)} tokens in {first - start:.2f} s, "
-          f"{streamer.new_tokens} new tokens, generation {rate}"
-          f"{f', seed {seed}' if args.do_sample else ''}]", file=sys.stderr)
+    if not args.quiet:
+        print(stats_line(len(ids), start, end, streamer.token_times, interrupted, compiling,
+                         seed if sampling else None), file=sys.stderr)
     return 130 if interrupted else 0
 
 
-# --- backend flags: which engine runs the model (refimpl itself, or accel's kernels) ----------------------------
+def stats_line(prompt_tokens, start, end, times, interrupted=False, compiling=False, seed=None):
+    """[prompt L tokens in A s, N new tokens, first step B s, generation R tokens/s, seed S] for stderr.
 
-BACKENDS = ("numpy", "numba", "cuda")  # as refimpl.load accepts
-WEIGHT_FORMATS = ("fp32", "fp16", "bf16", "int8")
-
-
-def add_backend_arguments(parser):
-    """Add --backend, --weights and --threads to an argparse parser (or subparser)."""
-    group = parser.add_argument_group("backend")
-    group.add_argument("--backend", choices=BACKENDS, default="numpy",
-                       help="numpy: refimpl itself (default); numba: accel's CPU kernels; cuda: accel's GPU kernels (CuPy, NVIDIA)")
-    group.add_argument("--weights", choices=WEIGHT_FORMATS, default=None,
-                       help="weight storage for --backend numba: fp32 (default), fp16, bf16, int8 (Q8_0 blocks)")
-    group.add_argument("--threads", type=_positive_int, default=None,
-                       help="threads for --backend numba (default: all cores)")
-    return parser
-
-
-def load_options(args):
-    """Keyword arguments for refimpl.load from parsed args: {'backend': ...} plus weights/threads when given.
-
-    --weights and --threads with --backend numpy raise refimpl's ConfigError in refimpl.load, naming them.
-    """
-    options = {"backend": args.backend}
-    if getattr(args, "weights", None) is not None:
-        options["weights"] = args.weights
-    if getattr(args, "threads", None) is not None:
-        options["threads"] = args.threads
-    return options
+    The first step (the first single-token forward) is timed on its own and left out of the rate: on a cold Numba
+    cache it holds the compile of the decode kernels (the prompt's time holds the prompt kernels')."""
+    first = times[0] if times else end
+    parts = [f"prompt {prompt_tokens} tokens in {first - start:.2f} s", f"{len(times)} new tokens"]
+    if len(times) >= 2:
+        parts.append(f"first step {times[1] - times[0]:.2f} s")
+    steps = len(times) - 2
+    rate = f"{steps / (times[-1] - times[1]):.1f} tokens/s" if steps > 0 and times[-1] > times[1] else "n/a"
+    parts.append(f"generation {rate}")
+    if compiling:
+        parts.append("prompt and first step include compiling kernels")
+    if seed is not None:
+        parts.append(f"seed {seed}")
+    return f"[{'interrupted, ' if interrupted else ''}{', '.join(parts)}]"
 
 
-def _positive_int(text):
+def build_parser() -> Parser:
+    from importlib import metadata
+
     try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be >= 1")
-    return value
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="refimpl", description="NumPy reference implementation of Llama 2, "
-                                     "Open-Llama and OPT, matching Hugging Face transformers 4.46.3.")
-    sub = parser.add_subparsers(dest="command", required=True)
+        version = metadata.version("refimpl")
+    except metadata.PackageNotFoundError:  # run from a checkout that is not installed
+        from . import __version__ as version
+    parser = Parser(prog="refimpl", description="NumPy reference implementation of Llama 2, Open-Llama and OPT, "
+                    "matching Hugging Face transformers 4.46.3. Every command takes its model as MODEL or -m MODEL; "
+                    "see docs/cli.md.")
+    parser.add_argument("--version", action="version", version=f"refimpl {version}")
+    parser.add_argument("-q", "--quiet", dest="quiet_all", action="store_true",
+                        help="errors only: no progress, notes or warnings on stderr")
+    parser.add_argument("-v", "--verbose", dest="verbose_all", action="count", default=0,
+                        help="more detail on stderr (-vv: debug)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     inspect_command.add_parser(sub)
+    accept_model_flag(sub.choices["inspect"], "path")
     convert_command.add_parser(sub)  # refimpl convert: any checkpoint -> a Hugging Face safetensors folder
-    g = sub.add_parser("generate", help="generate text (or token ids) from a prompt, streaming it as it comes")
-    g.add_argument("model", help="a Hugging Face checkpoint folder (config.json + model.safetensors + tokenizer)")
+    g = sub.add_parser(
+        "generate", help="generate text (or token ids) from a prompt, streaming it as it comes",
+        description="Generate text from a prompt, streaming it as it comes; stats on stderr. Greedy or sampled: "
+                    "--do-sample or --greedy decide when given; otherwise any sampling flag (--temp, --top-k, "
+                    "--top-p, --min-p, --seed) turns sampling on; with none of these, generation_config.json "
+                    "decides (its do_sample, greedy when it has none), as transformers' generate() does.")
+    add_model_argument(g, help="a Hugging Face checkpoint folder (config.json + model.safetensors + tokenizer)")
     source = g.add_mutually_exclusive_group()
     source.add_argument("-p", "--prompt", help="the prompt text")
     source.add_argument("-f", "--prompt-file", help="read the prompt from this file (- for standard input)")
     source.add_argument("--ids", help="the prompt as token ids, e.g. 1,17,42 (no tokenizer needed)")
-    g.add_argument("-n", "--max-new-tokens", type=int, default=None,
+    g.add_argument("-n", "--max-new-tokens", "--max-tokens", dest="max_new_tokens", type=int, default=None,
                    help="tokens to generate (default: generation_config.json, else up to 20 in all)")
     g.add_argument("--min-new-tokens", type=int, default=None, help="suppress eos until this many are generated")
-    g.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
-    g.add_argument("--temperature", "--temp", type=float, default=None, help="sampling temperature (default 1.0)")
-    g.add_argument("--top-k", type=int, default=None, help="keep the k most likely tokens (default 50; 0 disables)")
-    g.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass in (0, 1] (default 1.0)")
+    mode = g.add_mutually_exclusive_group()
+    mode.add_argument("--do-sample", dest="do_sample", action="store_const", const=True, default=None,
+                      help="sample (default: sample when a sampling flag is given, else as generation_config.json)")
+    mode.add_argument("--greedy", dest="do_sample", action="store_const", const=False,
+                      help="greedy decoding, whatever generation_config.json says; sampling flags are ignored")
+    g.add_argument("--temperature", "--temp", type=float, default=None,
+                   help="sampling temperature > 0 (default 1.0); turns sampling on")
+    g.add_argument("--top-k", type=int, default=None,
+                   help="keep the k most likely tokens (default 50; 0 disables); turns sampling on")
+    g.add_argument("--top-p", type=float, default=None,
+                   help="nucleus sampling mass in (0, 1] (default 1.0); turns sampling on")
+    g.add_argument("--min-p", type=float, default=None,
+                   help="drop tokens below min-p times the top probability, in [0, 1]; turns sampling on")
     g.add_argument("--repetition-penalty", "--repeat-penalty", type=float, default=None,
                    help="divide (multiply if negative) the scores of tokens already present (default 1.0)")
-    g.add_argument("--seed", "-s", type=int, default=None, help="random seed for sampling (printed when not given)")
+    g.add_argument("--seed", "-s", type=int, default=None,
+                   help="random seed for sampling (printed when not given); turns sampling on")
     g.add_argument("--verbose-prompt", action="store_true", help="print the prompt's token ids on stderr")
     g.add_argument("--dtype", choices=["float32", "float64"], default="float32")
     add_backend_arguments(g)
     g.set_defaults(run=generate_cmd)
     p = sub.add_parser("next-token", help="print the most likely next tokens after a prompt of token ids")
-    p.add_argument("model", help="a Hugging Face checkpoint folder (config.json + model.safetensors)")
+    add_model_argument(p, help="a Hugging Face checkpoint folder (config.json + model.safetensors)")
     p.add_argument("--ids", required=True, help="prompt token ids, e.g. 1,17,42")
-    p.add_argument("--top-k", type=int, default=5, help="how many candidates to print (default 5)")
+    p.add_argument("--top-k", type=int, default=5, help="how many candidates to print (default 5; >= 1)")
     p.add_argument("--dtype", choices=["float32", "float64"], default="float32",
                    help="compute dtype; float64 is the audit mode")
     add_backend_arguments(p)
     p.set_defaults(run=next_token)
+    perplexity_command.add_parser(sub)
+    bench_command.add_parser(sub)
+    from . import chat_cli, serve  # their heavy imports (jinja2, starlette, uvicorn) wait until they run
+
+    chat_cli.add_parser(sub)  # refimpl chat (docs/cli.md)
+    serve.add_parser(sub)  # refimpl serve (docs/serve.md)
     add_oracle_parsers(sub)  # refimpl golden / refimpl diff (docs/oracle.md)
+    accept_model_flag(sub.choices["golden"], "model")
+    for subparser in sub.choices.values():
+        add_log_arguments(subparser)
     return parser
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    args.quiet = bool(getattr(args, "quiet", False) or args.quiet_all)
+    verbose = getattr(args, "verbose", 0) + args.verbose_all
+    stop_logging = start_logging(args.quiet, verbose)
     try:
-        return args.run(args)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore" if args.quiet else "default")
+            warnings.showwarning = show_warning  # one line, `refimpl: warning: ...`, no source line
+            for dest in ("model", "path"):  # the commands that take a model (MODEL or -m MODEL)
+                if hasattr(args, f"{dest}_flag"):
+                    resolve_model(args, dest)
+            if args.command == "convert":  # DST is made, but not inside a folder that is not there (a typo)
+                parent = os.path.dirname(os.path.abspath(args.dst))
+                if not os.path.isdir(parent):
+                    raise InputError(f"{args.dst}: the folder {parent} does not exist")
+            return args.run(args)
     except RefimplError as exc:
-        print(f"refimpl: error: {exc}", file=sys.stderr)
+        print(f"refimpl: error: {cli_message(exc)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("refimpl: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # refimpl ... | head: the reader left
+        sys.stderr.close()
+        return 141
+    except OSError as exc:  # a full disk, a file we may not read or write
+        print(f"refimpl: error: {cli_message(exc)}", file=sys.stderr)
+        return 2
+    finally:
+        stop_logging()
 
 
 if __name__ == "__main__":
