@@ -207,10 +207,9 @@ def worker(engine, folder, gguf_path, threads, runs, cache_dir):
             def new_cache():
                 return None
         else:
-            from accel.generate import next_token_scores
-
-            def pp():
-                next_token_scores(model, ids[None], np.ones((1, PP), np.int64), model.new_cache(1, PP))
+            def pp():  # generate's first step: the prompt into a fresh cache, the last position's logits
+                model.generation_forward(ids[None], np.ones((1, PP), np.int64), np.arange(PP)[None],
+                                         model.new_cache(1, PP))
 
             def new_cache():
                 return model.new_cache(1, TG)
@@ -388,11 +387,10 @@ COMPILE_CHILD = r"""
 import sys, time, json
 t0 = time.perf_counter()
 import numpy as np, refimpl
-from accel.generate import next_token_scores
 t1 = time.perf_counter()
 m = refimpl.load(sys.argv[1], backend="numba", weights=sys.argv[2])
 t2 = time.perf_counter()
-next_token_scores(m, np.arange(3, 19)[None], np.ones((1, 16), np.int64), m.new_cache(1, 32))
+m.generation_forward(np.arange(3, 19)[None], np.ones((1, 16), np.int64), np.arange(16)[None], m.new_cache(1, 32))
 out = m(input_ids=[[5]], past_key_values=m.new_cache(1, 4), use_cache=True)
 t3 = time.perf_counter()
 print(json.dumps({"import_s": t1 - t0, "load_s": t2 - t1, "first_calls_s": t3 - t2}))
