@@ -32,7 +32,8 @@ def load(path, dtype=np.float32, backend="numba", weights="fp32", threads=None, 
 
     weights: storage of the matrices: "fp32" (as loaded), "fp16", "bf16", or "int8" (Q8_0 blocks of 32), converted
       once here; compute and outputs are float32 whatever the storage.
-    threads: Numba's (and, with threadpoolctl installed, BLAS's) thread count; None = all cores.
+    threads: Numba's (and, with threadpoolctl installed, BLAS's) thread count; None = the cores this process may
+        use (its CPU affinity, capped by a cgroup CPU quota).
     cache_dir: where converted weights are saved; a later load of the same checkpoint and format memory-maps them.
     """
     if backend == "cuda":
@@ -52,7 +53,7 @@ def load(path, dtype=np.float32, backend="numba", weights="fp32", threads=None, 
     if weights not in WEIGHT_FORMATS:
         raise ConfigError(f"weights={weights!r}: choose one of {', '.join(WEIGHT_FORMATS)}")
     if threads is not None and (not isinstance(threads, (int, np.integer)) or threads < 1):
-        raise ConfigError(f"threads={threads!r} must be a positive integer (or None for all cores)")
+        raise ConfigError(f"threads={threads!r} must be a positive integer (or None for the cores this process may use)")
     ok, reason = numba_available()
     if not ok:
         raise ConfigError(f"backend='numba' needs Numba (pip install 'refimpl[accel]'): {reason}")

@@ -91,6 +91,42 @@ def max_threads():
     return numba.config.NUMBA_NUM_THREADS
 
 
+def cgroup_cpu_limit(root="/sys/fs/cgroup"):
+    """The CPU quota of this process's cgroup in cores (a container's --cpus), or None when there is none."""
+    try:  # cgroup v2: "quota period" or "max period"
+        with open(os.path.join(root, "cpu.max")) as f:
+            quota, period = f.read().split()[:2]
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        pass
+    try:  # cgroup v1: quota -1 means none
+        with open(os.path.join(root, "cpu", "cpu.cfs_quota_us")) as f:
+            quota = int(f.read())
+        with open(os.path.join(root, "cpu", "cpu.cfs_period_us")) as f:
+            period = int(f.read())
+        return None if quota <= 0 else quota / period
+    except (OSError, ValueError):
+        return None
+
+
+def available_cores():
+    """The cores this process may run on: its CPU affinity (taskset, numactl), capped by a cgroup quota, >= 1.
+    os.cpu_count() counts the machine's cores, which a container or a pinned process may not have."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    limit = cgroup_cpu_limit()
+    if limit is not None:
+        cores = min(cores, max(1, int(limit + 0.999)))
+    return max(1, cores)
+
+
+def default_threads():
+    """Threads when the caller gives none: the cores this process may use (at most Numba's pool)."""
+    return min(max_threads(), available_cores())
+
+
 def set_threads(n):
     """Numba's thread count for kernels called from this Python thread (at most max_threads())."""
     numba.set_num_threads(max(1, min(int(n), max_threads())))

@@ -30,7 +30,7 @@ def refimpl_class(config):
 def set_threads(threads):
     """Numba threads for this Python thread; with threads given, BLAS threads too when threadpoolctl is installed
     (process-wide). threads=None leaves BLAS as the environment set it (OPENBLAS_NUM_THREADS, ...)."""
-    jit.set_threads(threads or jit.max_threads())
+    jit.set_threads(threads or jit.default_threads())
     if threads is None:
         return
     try:

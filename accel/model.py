@@ -360,7 +360,7 @@ class AccelModel(GenerationHooks):
     threads = None
 
     def _enter(self):
-        threads = self.threads or jit.max_threads()
+        threads = self.threads or jit.default_threads()
         jit.set_threads(threads)  # Numba's count is per Python thread: set it each call
         blas.set_threads(threads)  # so is MKL's (a no-op without MKL)
 

@@ -195,8 +195,8 @@ def worker(engine, folder, gguf_path, threads, runs, cache_dir):
         if engine == "numpy":
             model = refimpl.load(folder)
         else:
-            model = refimpl.load(folder, backend="numba", weights=engine.split("-")[1], threads=threads,
-                                 cache_dir=cache_dir)
+            model = refimpl.load(folder, backend="numba", weights=engine_settings(engine, threads)[0],
+                                 threads=threads, cache_dir=cache_dir)
         result["load_s"] = time.perf_counter() - start
         opt = model.family == "opt"
 
@@ -368,6 +368,43 @@ class Served:
         return self.result
 
 
+BUSY_LOOP = "while True:\n    pass\n"
+
+
+class Busy:
+    """N processes that each keep one core busy (a Python spin loop) while the rounds are timed: a laptop or a
+    server is rarely idle, and threads that spin-wait on a core they do not get collapse (issue 18)."""
+
+    def __init__(self, n):
+        self.procs = [subprocess.Popen([sys.executable, "-c", BUSY_LOOP]) for _ in range(n)]
+
+    def __enter__(self):
+        time.sleep(0.5 if self.procs else 0)
+        return self
+
+    def __exit__(self, *exc):
+        for proc in self.procs:
+            proc.kill()
+            proc.wait()
+
+
+def engine_settings(engine, threads):
+    """(weights format, threads, extra environment) of an engine name such as accel-fp32-t1-passive: -t1 runs one
+    thread, -npblas NumPy's BLAS, -passive / -active set OMP_WAIT_POLICY, -spin10k GOMP_SPINCOUNT=10000."""
+    parts = engine.split("-")
+    env = {}
+    for part in parts[2:]:
+        if part == "t1":
+            threads = 1
+        elif part == "npblas":
+            env["REFIMPL_BLAS"] = "numpy"
+        elif part in ("passive", "active"):
+            env["OMP_WAIT_POLICY"] = part.upper()
+        elif part.startswith("spin"):
+            env["GOMP_SPINCOUNT"] = str(int(part[4:].replace("k", "000")))
+    return (parts[1] if len(parts) > 1 else None), threads, env
+
+
 def interleaved(served, runs):
     """runs rounds; in each, every engine times one pp and one tg, in an order rotated round by round."""
     names = list(served)
@@ -470,6 +507,8 @@ def main():
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--quality", action="store_true", help="also print int8/fp16/bf16 quality on the golden inputs")
     parser.add_argument("--no-compile", action="store_true", help="skip the Numba compile-time measurement")
+    parser.add_argument("--busy", type=int, default=0,
+                        help="keep this many cores busy with a competing process during the timed rounds")
     parser.add_argument("--worker", nargs=6, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -480,7 +519,7 @@ def main():
     have = {"torch": _imports("torch") and _imports("transformers"), "llamacpp": _imports("llama_cpp")}
     from accel import blas
 
-    print(f"# bench_decode: {args.threads} threads, median of {args.runs} runs, pp{PP} / tg{TG}, "
+    print(f"# bench_decode: {args.threads} threads, {args.busy} cores kept busy, median of {args.runs} runs, pp{PP} / tg{TG}, "
           f"load average {os.getloadavg()[0]:.2f}; accel's prompt GEMMs: {blas.provider()[1]} "
           f"(accel-*-npblas rows: REFIMPL_BLAS=numpy)", flush=True)
     rows = []
@@ -500,9 +539,11 @@ def main():
                 if family == "accel":  # convert once (not timed), so the timed process loads the saved weights
                     run_worker(engine, folder, None, args.threads, 1, cache_dir)
                 qtype = engine.split("-")[1].upper() if family == "llamacpp" else None
-                env = dict(os.environ, REFIMPL_BLAS="numpy") if engine.endswith("-npblas") else None
-                served[engine] = Served(engine, folder, ggufs.get(qtype), args.threads, cache_dir, env)
-            interleaved(served, args.runs)
+                _, threads, extra = engine_settings(engine, args.threads)
+                env = dict(os.environ, **extra) if extra else None
+                served[engine] = Served(engine, folder, ggufs.get(qtype), threads, cache_dir, env)
+            with Busy(args.busy):
+                interleaved(served, args.runs)
             for engine, worker_process in served.items():
                 result = worker_process.finish()
                 rows.append((name, engine, result))

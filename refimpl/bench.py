@@ -132,13 +132,13 @@ def _leaves(params):
 
 
 def threads_label(args):
-    """The threads column: -t, accel's default (Numba's thread count), or the BLAS threads NumPy uses."""
+    """The threads column: -t, accel's default (the cores this process may use), or the BLAS threads NumPy uses."""
     if args.threads is not None:
         return args.threads
     if args.backend == "numba":
-        from accel.jit import max_threads
+        from accel.jit import default_threads
 
-        return max_threads()
+        return default_threads()
     try:
         from threadpoolctl import threadpool_info
     except ImportError:

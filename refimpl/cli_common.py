@@ -111,7 +111,24 @@ def add_backend_arguments(parser):
     group.add_argument("--weights", choices=WEIGHT_FORMATS, default=None,
                        help="weight storage for --backend numba or cuda: fp32 (default), fp16, bf16, int8 (Q8_0)")
     group.add_argument("-t", "--threads", type=positive_int, default=None,
-                       help="threads for --backend numba (default: all cores)")
+                       help="threads for --backend numba (default: the cores this process may use: affinity, cgroup quota)")
+    return parser
+
+
+def add_ray_arguments(parser, what):
+    """--ray [ADDRESS] and --ray-actors N (docs/distributed.md); Ray itself is imported only when --ray is given."""
+    group = parser.add_argument_group("Ray (pip install 'refimpl[ray]')")
+    group.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                       help=f"run the {what} on Ray actors: without ADDRESS a local Ray is started, with one (e.g. "
+                            "auto, HOST:6379) that cluster is joined; put --ray after MODEL and FILE, or write "
+                            "--ray=ADDRESS")
+    group.add_argument("--ray-actors", type=positive_int, default=None, metavar="N",
+                       help="how many actors, each loading the model once (default: the cluster's CPUs // threads "
+                            "per actor)")
+    group.add_argument("--ray-threads", type=positive_int, default=None, metavar="T",
+                       help="threads per actor: its BLAS threads and the CPUs it reserves (default: -t if given, else "
+                            "the BLAS threads of this process, so the numbers are those a run without --ray here "
+                            "gives)")
     return parser
 
 
