@@ -8,6 +8,7 @@
     refimpl inspect PATH
     refimpl convert SRC DST [--max-shard-size 5GB] [--dtype f32|f16|bf16] [--force]
     refimpl golden MODEL (--ids 1,17,42 | --prompt TEXT) -o pack.safetensors [--dtype float64] [--summary] [--compare-dtypes]
+    refimpl golden MODEL --prompts prompts.jsonl -o packs/ [--ray [ADDRESS]]   # a batch, on Ray (docs/distributed.md)
     refimpl diff REF.safetensors PORT.safetensors|PORT_LOGITS.bin [--atol A] [--rtol R] [--skip GLOB] [--json FILE]
 
 Every command takes its model as MODEL or -m MODEL, -q/--quiet and -v/--verbose; errors are one line

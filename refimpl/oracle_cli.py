@@ -3,6 +3,7 @@
     refimpl golden MODEL (--ids 1,17,42 | --prompt TEXT) -o ref.safetensors [--dtype float64] [--summary]
                    [--layers 0-3,31] [--ops 'attn.*,mlp.down']
     refimpl golden MODEL --ids 1,17,42 --compare-dtypes          # the error budget of fp32 / fp16 / bf16 weights
+    refimpl golden MODEL --prompts prompts.jsonl -o packs/ [--ray [ADDRESS]]   # a batch (docs/distributed.md)
     refimpl diff REF.safetensors PORT.safetensors [--atol A] [--rtol R] [--skip 'layers.*.attn.q*']
     refimpl diff REF.safetensors PORT_LOGITS.bin                 # a port's raw float32 logits (llama.cpp layout)
 
@@ -15,6 +16,7 @@ import sys
 
 import numpy as np
 
+from .cli_common import add_ray_arguments
 from .diff import PRECISION_ORDER, DiffError, diff_packs, dumps, format_report, precision_rows, raw_logits_pack
 from .errors import InputError, RefimplError
 from .pack import make_pack, read_pack, run_trace, write_pack
@@ -52,6 +54,12 @@ def prompt_ids(args):
 def run_golden(args):
     from . import load
 
+    if args.prompts is not None:
+        return run_golden_batch(args)
+    for flag, value in (("--ray", args.ray), ("--ray-actors", args.ray_actors), ("--ray-threads", args.ray_threads),
+                        ("--resume", args.resume or None)):
+        if value is not None:
+            raise InputError(f"{flag} applies to a batch of prompts (--prompts FILE -o FOLDER)")
     ids, text = prompt_ids(args)
     keep = selection(parse_layers(args.layers), parse_ops(args.ops))
     if args.compare_dtypes:
@@ -69,6 +77,34 @@ def run_golden(args):
     print(f"wrote {args.output}: {type(model).__name__} ({args.dtype}), {len(ids)} tokens, {stored} trace tensors"
           f"{' as summaries' if args.summary else ''}")
     return 0
+
+
+def run_golden_batch(args):
+    """--prompts FILE -o FOLDER: one pack per prompt and FOLDER/index.json, here or on Ray actors (--ray).
+    Exit status 0 when every pack was written, 1 when a prompt failed (named on stderr and in the index)."""
+    from . import distributed
+
+    if args.compare_dtypes:
+        raise InputError("--compare-dtypes takes one prompt (--ids or --prompt), not --prompts")
+    if args.output is None:
+        raise InputError("refimpl golden --prompts needs -o FOLDER (the packs are written there)")
+    for flag, value in (("--ray-actors", args.ray_actors), ("--ray-threads", args.ray_threads)):
+        if value is not None and args.ray is None:
+            raise InputError(f"{flag} {value} applies with --ray")
+    options = dict(dtype=args.dtype, summary=args.summary, layers=parse_layers(args.layers), ops=parse_ops(args.ops),
+                   tokenizer=args.tokenizer, force=args.force, progress=not getattr(args, "quiet", False),
+                   resume=args.resume)
+    if args.ray is not None:
+        result = distributed.map_prompts(args.model, args.prompts, args.output,
+                                         ray_address=distributed.check_ray_address(args.ray),
+                                         actors=args.ray_actors, threads=args.ray_threads, **options)
+    else:
+        result = distributed.write_packs(args.model, args.prompts, args.output, **options)
+    for name, errors in result.failed.items():
+        print(f"refimpl: error: prompt {name!r} failed: {errors[-1]}", file=sys.stderr)
+    print(f"wrote {len(result.packs)} packs and {result.index}"
+          + (f"; {len(result.failed)} prompt(s) failed: {', '.join(result.failed)}" if result.failed else ""))
+    return 0 if result.ok else 1
 
 
 def parse_layers(text):
@@ -182,9 +218,16 @@ def add_parsers(subparsers):
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--ids", help="prompt token ids, e.g. 1,17,42")
     source.add_argument("--prompt", help="prompt text, encoded with the checkpoint's tokenizer")
+    source.add_argument("--prompts", metavar="FILE", help="a batch: JSON lines {\"name\": ..., \"ids\": [...]} or "
+                        "{\"name\": ..., \"text\": ...}; -o FOLDER gets NAME.safetensors per prompt and index.json "
+                        "(docs/distributed.md)")
     p.add_argument("--tokenizer", help="folder holding the tokenizer files (default: MODEL)")
-    p.add_argument("-o", "--output", help="the pack to write (.safetensors); never over an existing file")
+    p.add_argument("-o", "--output", help="the pack to write (.safetensors), or with --prompts the folder for the "
+                   "packs; never over an existing file")
     p.add_argument("--force", action="store_true", help="replace an existing -o file (never a checkpoint's own)")
+    p.add_argument("--resume", action="store_true",
+                   help="with --prompts: keep the packs an earlier run finished (same ids, checkpoint and mode; the "
+                        "same --layers/--ops/--dtype are assumed) and write only the others")
     p.add_argument("--dtype", choices=["float32", "float64"], default="float32",
                    help="compute dtype; float64 is the audit mode")
     p.add_argument("--summary", action="store_true",
@@ -195,6 +238,7 @@ def add_parsers(subparsers):
                    "(default: all; names as in docs/oracle.md)")
     p.add_argument("--compare-dtypes", action="store_true",
                    help="print how far fp32 (and fp16 / bf16 weights) land from float64, op by op")
+    add_ray_arguments(p, "prompts of --prompts")
     p.set_defaults(run=run_golden)
 
     d = subparsers.add_parser("diff", help="compare a port's pack (or raw logits) with a reference pack, op by op")

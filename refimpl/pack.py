@@ -249,9 +249,13 @@ def checkpoint_sha256(model_path):
     return digests
 
 
-def make_pack(model, input_ids, attention_mask=None, summary=False, model_path=None, text=None, keep=None):
+def make_pack(model, input_ids, attention_mask=None, summary=False, model_path=None, text=None, keep=None,
+              checkpoint_digests=None):
     """Run `model` with a trace -> (tensors, metadata) of a golden pack, tensors in graph order. Summaries are taken
-    as values are recorded, and keep (refimpl.trace.selection) leaves out layers and ops: a 7B pack stays small."""
+    as values are recorded, and keep (refimpl.trace.selection) leaves out layers and ops: a 7B pack stays small.
+
+    checkpoint_digests: checkpoint_sha256(model_path), when the caller has it already (a batch of packs hashes a
+    7B's 13 GB once, not once per pack)."""
     from . import __version__
 
     ids = np.asarray(input_ids, dtype=np.int64).reshape(-1, np.shape(input_ids)[-1])  # [B, S]
@@ -273,7 +277,8 @@ def make_pack(model, input_ids, attention_mask=None, summary=False, model_path=N
         metadata["summary_shapes"] = json.dumps({n: list(shape) for n, shape in trace.shapes.items()})
     if model_path is not None:
         metadata["checkpoint"] = os.path.basename(os.path.normpath(os.fspath(model_path)))
-        metadata["checkpoint_sha256"] = json.dumps(checkpoint_sha256(model_path))
+        digests = checkpoint_sha256(model_path) if checkpoint_digests is None else checkpoint_digests
+        metadata["checkpoint_sha256"] = json.dumps(digests)
         config_file = os.path.join(model_path, "config.json")
         if os.path.isfile(config_file):
             with open(config_file, encoding="utf-8") as f:

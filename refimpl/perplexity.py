@@ -34,8 +34,8 @@ import time
 
 import numpy as np
 
-from .cli_common import (add_backend_arguments, add_model_argument, announce_compile, check_json_output, load_options,
-                         log, positive_int, write_json)
+from .cli_common import (add_backend_arguments, add_model_argument, add_ray_arguments, announce_compile,
+                         check_json_output, load_options, log, positive_int, write_json)
 from .errors import InputError
 
 AVERAGES = ("windows", "tokens")
@@ -62,31 +62,52 @@ def window_loss(model, ids, begin, end, trg_len):
     return float(out.loss), int(np.count_nonzero(labels[1:] != -100))  # the model shifts: labels[0] is never scored
 
 
+def window_score(model, ids, begin, end, trg_len):
+    """One window's share of the result, all a merge needs: (loss, nll, count) with loss the window's mean loss as
+    the model returns it (as a Python float, float64), nll = loss * count its sum of token negative
+    log-likelihoods in float64, and count the tokens it scores. A window depends on nothing but its own ids, so it
+    can be computed anywhere (refimpl/distributed.py computes windows on Ray actors)."""
+    loss, count = window_loss(model, ids, begin, end, trg_len)
+    return loss, loss * count, count
+
+
+def check_windows(n_ids, ctx, stride):
+    """The guide's windows over n_ids tokens, after checking the three numbers (InputError naming the flag)."""
+    if n_ids < 2:
+        raise InputError(f"the text encodes to {n_ids} token(s): perplexity needs at least 2")
+    if ctx < 2:
+        raise InputError(f"--ctx {ctx}: a window needs at least 2 tokens")
+    if not 1 <= stride <= ctx:
+        raise InputError(f"--stride {stride}: must be between 1 and --ctx ({ctx}); a larger stride skips tokens")
+    return windows(n_ids, ctx, stride)
+
+
+def merge_windows(scores, text_tokens, ctx, stride):
+    """window_score() results, in window order -> strided_perplexity's dict. The sums run over the windows in
+    window order in float64, so the same scores give the same bits wherever they were computed."""
+    losses = [float(loss) for loss, _, _ in scores]
+    nlls = [float(nll) for _, nll, _ in scores]
+    counts = [int(count) for _, _, count in scores]
+    mean_window = sum(losses) / len(losses)
+    per_token = sum(nlls) / sum(counts)
+    return {"perplexity_windows": math.exp(mean_window), "perplexity_tokens": math.exp(per_token),
+            "tokens": sum(counts), "text_tokens": text_tokens, "windows": len(scores), "ctx": ctx, "stride": stride,
+            "window_losses": losses, "window_tokens": counts}
+
+
 def strided_perplexity(model, ids, ctx, stride, progress=None):
     """The guide's strided perplexity of token ids under `model` (a causal LM): a dict with perplexity_windows
     (4.46.3's exp(mean of window losses)), perplexity_tokens (exp(total nll / tokens)), tokens, windows, nll lists.
 
     progress(done, total, running_ppl) is called after each window."""
     ids = list(ids)
-    if len(ids) < 2:
-        raise InputError(f"the text encodes to {len(ids)} token(s): perplexity needs at least 2")
-    if ctx < 2:
-        raise InputError(f"--ctx {ctx}: a window needs at least 2 tokens")
-    if not 1 <= stride <= ctx:
-        raise InputError(f"--stride {stride}: must be between 1 and --ctx ({ctx}); a larger stride skips tokens")
-    plan = windows(len(ids), ctx, stride)
-    losses, counts = [], []
+    plan = check_windows(len(ids), ctx, stride)
+    scores = []
     for done, (begin, end, trg_len) in enumerate(plan, 1):
-        loss, count = window_loss(model, ids, begin, end, trg_len)
-        losses.append(loss)
-        counts.append(count)
+        scores.append(window_score(model, ids, begin, end, trg_len))
         if progress is not None:
-            progress(done, len(plan), math.exp(sum(losses) / len(losses)))
-    mean_window = sum(losses) / len(losses)
-    per_token = sum(loss * n for loss, n in zip(losses, counts)) / sum(counts)
-    return {"perplexity_windows": math.exp(mean_window), "perplexity_tokens": math.exp(per_token),
-            "tokens": sum(counts), "text_tokens": len(ids), "windows": len(plan), "ctx": ctx, "stride": stride,
-            "window_losses": losses, "window_tokens": counts}
+            progress(done, len(plan), math.exp(sum(s[0] for s in scores) / len(scores)))
+    return merge_windows(scores, len(ids), ctx, stride)
 
 
 class ProgressBar:
@@ -121,30 +142,59 @@ def read_text(path):
         raise InputError(f"{path} is not UTF-8 text") from None
 
 
+def model_facts(model):
+    """What run() checks a model against, as plain values (a Ray actor sends them back to the driver)."""
+    return {"class": type(model).__name__, "head": model.head, "limit": model.max_sequence_length(),
+            "max_position_embeddings": model.config.max_position_embeddings}
+
+
+def settle_ctx(facts, ctx, stride, model_path):
+    """(ctx, stride) with their defaults, checked against the model (InputError naming the flag)."""
+    if facts["head"] != "causal_lm":
+        raise InputError(f"{model_path} holds a {facts['class']}, which has no language-model head")
+    limit = facts["limit"]  # OPT's learned position table; None for RoPE
+    ctx = ctx if ctx is not None else facts["max_position_embeddings"]
+    if limit is not None and ctx > limit:
+        raise InputError(f"--ctx {ctx}: this model has {limit} positions (max_position_embeddings)")
+    return ctx, stride if stride is not None else ctx
+
+
 def run(args) -> int:
     from . import load
     from .cli import load_tokenizer_for
 
     check_json_output(args.json, args.force)
+    for flag, value in (("--ray-actors", args.ray_actors), ("--ray-threads", args.ray_threads)):
+        if value is not None and args.ray is None:
+            raise InputError(f"{flag} {value} applies with --ray")
     text = read_text(args.file)
     dtype = {"float32": np.float32, "float64": np.float64}[args.dtype]
     options = load_options(args)
-    announce_compile(args)
-    model = load(args.model, dtype=dtype, **options)
-    if model.head != "causal_lm":
-        raise InputError(f"{args.model} holds a {type(model).__name__}, which has no language-model head")
-    tokenizer = load_tokenizer_for(args.model)
-    if tokenizer is None:
-        raise InputError(f"{args.model} has no tokenizer files (tokenizer.model, tokenizer.json or vocab.json)")
-    ids = tokenizer.encode(text)
-    limit = model.max_sequence_length()  # OPT's learned position table; None for RoPE
-    ctx = args.ctx if args.ctx is not None else model.config.max_position_embeddings
-    if limit is not None and ctx > limit:
-        raise InputError(f"--ctx {ctx}: this model has {limit} positions (max_position_embeddings)")
-    stride = args.stride if args.stride is not None else ctx
-    log.info("perplexity of %d tokens, ctx %d, stride %d", len(ids), ctx, stride)
     show = not args.quiet and sys.stderr.isatty()
-    result = strided_perplexity(model, ids, ctx, stride, progress=ProgressBar() if show else None)
+    if args.ray is not None:  # the windows on Ray actors (refimpl/distributed.py); Ray is imported there only
+        from .distributed import check_ray_address, perplexity as distributed_perplexity
+
+        tokenizer = load_tokenizer_for(args.model)
+        if tokenizer is None:
+            raise InputError(f"{args.model} has no tokenizer files (tokenizer.model, tokenizer.json or vocab.json)")
+        ids = tokenizer.encode(text)
+        log.info("perplexity of %d tokens on Ray", len(ids))
+        threads = options.pop("threads", None) or args.ray_threads
+        result = distributed_perplexity(args.model, ids, args.ctx, args.stride,
+                                        ray_address=check_ray_address(args.ray), actors=args.ray_actors,
+                                        threads=threads, dtype=args.dtype, progress=ProgressBar() if show else None,
+                                        **options)
+        ctx, stride = result["ctx"], result["stride"]
+    else:
+        announce_compile(args)
+        model = load(args.model, dtype=dtype, **options)
+        ctx, stride = settle_ctx(model_facts(model), args.ctx, args.stride, args.model)
+        tokenizer = load_tokenizer_for(args.model)
+        if tokenizer is None:
+            raise InputError(f"{args.model} has no tokenizer files (tokenizer.model, tokenizer.json or vocab.json)")
+        ids = tokenizer.encode(text)
+        log.info("perplexity of %d tokens, ctx %d, stride %d", len(ids), ctx, stride)
+        result = strided_perplexity(model, ids, ctx, stride, progress=ProgressBar() if show else None)
     value = result[f"perplexity_{args.average}"]
     out = sys.stderr if args.json == "-" else sys.stdout  # --json -: standard output is the JSON alone
     print(f"perplexity {value:.6f} over {result['tokens']} tokens ({result['text_tokens']} in the text; ctx {ctx}, "
@@ -178,5 +228,6 @@ def add_parser(subparsers):
     p.add_argument("--dtype", choices=["float32", "float64"], default="float32",
                    help="compute dtype; float64 is the audit mode")
     add_backend_arguments(p)
+    add_ray_arguments(p, "windows")
     p.set_defaults(run=run)
     return p
