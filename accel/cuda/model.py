@@ -2,7 +2,7 @@
 
 As accel/model.py does for the numba backend, each class here subclasses the refimpl class of the same name, so its
 call signature, argument checks, heads, losses and ModelOutput are refimpl's own code; `_decoder` (the stack), the
-cache, `_last_logits` and `generate` (accel.generate's loop: same settings, processors and tokens) are replaced.
+cache and `_last_logits` are replaced, and generate's three hooks come from accel.generate (refimpl's loop runs).
 The functions before the classes are written against `xp` (CuPy on a GPU, NumPy in tests) and the kernel launchers,
 which take either (CuPy arrays on a device; NumPy arrays under NUMBA_ENABLE_CUDASIM=1). So tests/test_cuda_model.py
 runs this exact code on the golden checkpoints without a GPU (`build(path, weights, numpy)`), and
