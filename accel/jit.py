@@ -9,9 +9,17 @@ from __future__ import annotations
 import hashlib
 import os
 
-import numba
-import numpy as np
-from numba import prange  # noqa: F401  (re-exported for the kernel modules)
+# OpenMP threads that finish a parallel region sleep at once (PASSIVE) instead of spinning first (GNU OpenMP spins
+# ~300k iterations by default). A spinning thread holds a core that another process, or the other half of the next
+# parallel region, needs: with one of two cores busy, 110M-shape decode was barely faster than one thread and the
+# 15M shape fell from 151 tok/s (one thread) to 10 (bench/bench_decode.py, docs/accel.md "A busy machine").
+# It must be set before libgomp loads (Numba's omp threading layer, MKL's GNU layer); a user's own setting wins.
+if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+
+import numba  # noqa: E402
+import numpy as np  # noqa: E402
+from numba import prange  # noqa: E402, F401  (re-exported for the kernel modules)
 
 FASTMATH = {"reassoc", "contract", "arcp", "nsz"}
 JIT_DISABLED = bool(int(os.environ.get("NUMBA_DISABLE_JIT", "0") or 0))

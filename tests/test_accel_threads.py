@@ -43,3 +43,15 @@ def test_a_quota_below_the_affinity_caps_the_threads(monkeypatch):
     assert jit.available_cores() == 1
     monkeypatch.setattr(jit, "cgroup_cpu_limit", lambda root="/sys/fs/cgroup": 0.2)
     assert jit.available_cores() == 1  # at least one
+
+
+@pytest.mark.parametrize("env, expected", [({}, "PASSIVE"), ({"OMP_WAIT_POLICY": "ACTIVE"}, "ACTIVE"),
+                                           ({"GOMP_SPINCOUNT": "1000"}, None)])
+def test_openmp_threads_sleep_between_regions_unless_the_user_says_otherwise(env, expected):
+    """accel sets OMP_WAIT_POLICY=PASSIVE before libgomp loads (spinning threads collapsed decode on a busy machine:
+    docs/accel.md); a user's OMP_WAIT_POLICY or GOMP_SPINCOUNT is kept."""
+    base = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    code = "import os, refimpl; refimpl.load('golden/models/llama_mha', backend='numba'); print(os.environ.get('OMP_WAIT_POLICY'))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True,
+                         env={**base, **env})
+    assert out.stdout.split()[-1] == str(expected)
