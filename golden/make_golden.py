@@ -520,6 +520,9 @@ TEXT_CASES = [
          "OPT with the golden byte-level BPE tokenizer (vocab 2000) in its folder, for text generation",
          {**OPT, "vocab_size": 2000}),
 ]
+# Trained models (golden/train.py) and their goldens (golden/make_trained_goldens.py): made by those scripts, so
+# this one leaves them as they are (never removed as stale; copied into --check's temp dir before comparing).
+TRAINED_MODELS = ("llama_trained",)
 TEXT_TOKENIZERS = {"llama_text": ("llama", "LlamaTokenizer"), "opt_text": ("opt", "GPT2Tokenizer")}
 TEXT_PROMPTS = ["Once upon a time", "The capital of France is", "你好，世界。", "def hello():\n    return",
                 "Emoji 🙂 and spaces   here"]
@@ -671,7 +674,7 @@ def build(root: Path, names: list[str]):
     for n in names:
         build_case(CASE_BY_NAME[n], root)
     # stale cases (renamed/removed) must not linger
-    known = {c.name for c in CASES}
+    known = {c.name for c in CASES} | set(TRAINED_MODELS)
     for p in (root / "cases").glob("*.npz"):
         if p.stem not in known:
             p.unlink()
@@ -746,6 +749,16 @@ def main(argv=None):
                 for sub in ("models", "cases", "generation"):
                     if (GOLDEN / sub).exists():
                         shutil.copytree(GOLDEN / sub, tmp / sub)
+            else:           # the trained models' files are made by other scripts: take them as stored
+                for name in TRAINED_MODELS:
+                    for src in [GOLDEN / "models" / name, GOLDEN / "cases" / f"{name}.npz",
+                                GOLDEN / "generation" / f"{name}.npz"]:
+                        dst = tmp / src.relative_to(GOLDEN)
+                        dst.parent.mkdir(parents=True, exist_ok=True)
+                        if src.is_dir():
+                            shutil.copytree(src, dst)
+                        elif src.exists():
+                            shutil.copyfile(src, dst)
             (tmp / "models").mkdir(exist_ok=True)
             (tmp / "cases").mkdir(exist_ok=True)
             build(tmp, names)
