@@ -21,8 +21,7 @@ import os
 import sys
 import warnings
 
-from .cli_common import (Parser, add_backend_arguments, add_log_arguments, add_model_argument, cli_message,
-                         load_options, resolve_model, show_warning, start_logging)
+from .cli_common import add_backend_arguments, add_model_argument, cli_message, load_options
 from .errors import InputError, RefimplError
 from .streamers import TextStreamer
 
@@ -218,41 +217,15 @@ def chat_cmd(args) -> int:
 
 # --- standalone ------------------------------------------------------------------------------------------------------
 
-def build_parser():
-    parser = Parser(prog="refimpl", description="refimpl chat (standalone parser; `refimpl chat` is the same)")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    add_log_arguments(add_parser(sub))
-    return parser
-
-
 def main(argv=None) -> int:
-    """`refimpl chat` on its own: main(["MODEL", "--system", ...]) (the "chat" word is optional)."""
+    """`refimpl chat` on its own: main(["MODEL", "--system", ...]) (the "chat" word is optional); refimpl.cli.main
+    runs it, so logging, warnings and errors are the command line's own."""
+    from .cli import main as cli_main
+
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] != "chat":
         argv.insert(0, "chat")
-    args = build_parser().parse_args(argv)
-    args.quiet = bool(getattr(args, "quiet", False))
-    stop_logging = start_logging(args.quiet, getattr(args, "verbose", 0))
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore" if args.quiet else "default")
-            warnings.showwarning = show_warning
-            resolve_model(args, "model")
-            return args.run(args)
-    except RefimplError as exc:
-        print(f"refimpl: error: {cli_message(exc)}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(file=sys.stderr)
-        return 130
-    except BrokenPipeError:
-        sys.stderr.close()
-        return 141
-    except OSError as exc:
-        print(f"refimpl: error: {cli_message(exc)}", file=sys.stderr)
-        return 2
-    finally:
-        stop_logging()
+    return cli_main(argv)
 
 
 if __name__ == "__main__":

@@ -552,26 +552,11 @@ def serve_cmd(args) -> int:
 
 
 def main(argv=None) -> int:
-    """`python -m refimpl.serve MODEL ...`: the serve command on its own (the same as `refimpl serve`)."""
-    from .cli_common import Parser, add_log_arguments, cli_message, resolve_model, start_logging
+    """`python -m refimpl.serve MODEL ...`: the serve command on its own, run by refimpl.cli.main (the same as
+    `refimpl serve`)."""
+    from .cli import main as cli_main
 
-    parser = Parser(prog="refimpl")
-    sub = parser.add_subparsers(dest="command")
-    p = add_parser(sub)
-    add_log_arguments(p)
-    args = p.parse_args(argv)
-    args.quiet = bool(getattr(args, "quiet", False))
-    stop_logging = start_logging(args.quiet, getattr(args, "verbose", 0))
-    try:
-        resolve_model(args, "model")
-        return args.run(args)
-    except RefimplError as exc:
-        print(f"refimpl: error: {cli_message(exc)}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
-    finally:
-        stop_logging()
+    return cli_main(["serve", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":
