@@ -8,6 +8,10 @@
 - block_llama.svg, block_open_llama.svg, block_opt.svg: one decoder block per family. Every box names the trace
   point (refimpl.trace) that holds its output, and its shape is read from a traced forward of a golden model, so a
   renamed or reshaped op breaks this script instead of leaving a stale picture.
+- trained_heads.svg, trained_logit_lens.svg, trained_residual_max.svg: golden/models/llama_trained on held-out line
+  SHOWN + 1 of golden/trained/heldout.txt: the best previous-token, sink and induction heads (scored over the first
+  MEASURED held-out docstrings), the logit lens (final norm + lm_head on each residual state), and the max |value|
+  per hidden dimension of the residual stream.
 
 The SVG markup is written by hand (heatmaps are paths of unit squares, plots are polylines); numbers are formatted
 with fixed decimals, so the output is the same bytes on every run.
@@ -25,7 +29,9 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from refimpl import load, read_config  # noqa: E402  (the repository root must be on the path first)
+from refimpl import load, load_tokenizer, read_config  # noqa: E402  (the repository root must be on the path first)
+from refimpl.llama import lm_logits  # noqa: E402
+from refimpl.ops import rms_norm, softmax  # noqa: E402
 from refimpl.rope import default_inv_freq, llama_rope_init  # noqa: E402
 from refimpl.trace import TABLES, Trace, generic_name  # noqa: E402
 
@@ -373,8 +379,206 @@ def block_figure(columns, title, subtitle):
     return svg(x - 90, bottom + 20, body)
 
 
+# --- the trained model: heads, logit lens, residual magnitudes ----------------------------------------------
+
+TRAINED = os.path.join(GOLDEN, "models", "llama_trained")
+HELDOUT = os.path.join(GOLDEN, "trained", "heldout.txt")
+MEASURED = 40  # head statistics: averaged over the first MEASURED held-out docstrings
+SHOWN = 232  # held-out docstring drawn (0-based; the figures say line 233): short, "a is the" twice
+
+
+def trained_forward(model, ids):
+    trace = Trace()
+    model(input_ids=[ids], trace=trace)
+    return trace
+
+
+def head_statistics(model, tok, lines):
+    """[L, H] mean attention of query q >= 1 to: key q-1 (previous), key 0 (BOS, the sink), and the keys right
+    after earlier occurrences of token q (induction; over the queries that have one, key 1.. only, key q-1
+    excluded), and what uniform attention over keys 0..q would give to the last one and to any single key."""
+    L, H = model.config.num_hidden_layers, model.config.num_attention_heads
+    prev, sink, ind = np.zeros((L, H)), np.zeros((L, H)), np.zeros((L, H))
+    n_q, n_ind, uniform, uniform_one = 0, 0, 0.0, 0.0
+    for line in lines:
+        ids = tok.encode(line)[:model.config.max_position_embeddings]
+        S = len(ids)
+        a = np.asarray(ids)
+        # target[q, k]: key k follows an earlier copy of token q (k - 1 >= 1, k < q)
+        target = (a[None, :-1] == a[:, None]) & (np.arange(S - 1)[None, :] >= 1)
+        target = np.concatenate([np.zeros((S, 1), bool), target], 1) & (np.arange(S)[None, :] < np.arange(S)[:, None])
+        has = target.any(1)
+        trace = trained_forward(model, ids)
+        for layer in range(L):
+            p = trace[f"layers.{layer}.attn.probs"][0].astype(np.float64)  # [H, S, S]
+            prev[layer] += p[:, np.arange(1, S), np.arange(S - 1)].sum(1)
+            sink[layer] += p[:, 1:, 0].sum(1)
+            ind[layer] += (p * target[None]).sum(2)[:, has].sum(1)
+        n_q += S - 1
+        uniform_one += float((1 / (np.arange(1, S) + 1)).sum())
+        n_ind += int(has.sum())
+        uniform += float((target.sum(1) / (np.arange(S) + 1))[has].sum())
+    return prev / n_q, sink / n_q, ind / n_ind, uniform / n_ind, uniform_one / n_q
+
+
+def piece(token):
+    return token.replace("▁", "·")
+
+
+def trained_data():
+    model = load(TRAINED)
+    tok = load_tokenizer(TRAINED)
+    with open(HELDOUT, encoding="utf-8") as f:
+        lines = f.read().splitlines()
+    stats = head_statistics(model, tok, lines[:MEASURED])
+    line = lines[SHOWN]
+    ids = tok.encode(line)
+    tokens = ["<s>"] + [piece(t) for t in tok.tokenize(line)]
+    assert len(tokens) == len(ids)
+    return model, tok, stats, line, ids, tokens, trained_forward(model, ids)
+
+
+def heatmap(probs, x0, y0, cell, colours, level):
+    """One attention map [S, S] as paths of unit squares, one path per colour level; masked cells left as is."""
+    n = probs.shape[0]
+    paths = {}
+    for q in range(n):
+        for k in range(q + 1):
+            paths.setdefault(level(float(probs[q, k])), []).append(f"M{k} {q}h1v1h-1z")
+    out = [f'<g transform="translate({x0} {y0}) scale({cell})" shape-rendering="crispEdges">\n']
+    out += [f'<path fill="{colours[lv]}" d="{"".join(paths[lv])}"/>\n' for lv in sorted(paths)]
+    return out + ["</g>\n"]
+
+
+def trained_heads_figure(data):
+    model, tok, (prev, sink, ind, uniform, uniform_one), line, ids, tokens, trace = data
+    picks = [("previous token", prev), ("first token (sink)", sink), ("induction", ind)]
+    S, cell, levels = len(ids), 11, 10
+    colours = palette(levels)
+    level = lambda p: min(levels - 1, int(p * levels))  # linear: 0.1 per colour
+    size = S * cell
+    left, top, gap = 96, 84, 40
+    body = [text(20, 24, "Three heads of golden/models/llama_trained, on a held-out docstring", 15,
+                 extra=' font-weight="bold"'),
+            text(20, 44, f"Heads picked by their mean attention over the first {MEASURED} held-out docstrings; "
+                         f"the maps: held-out line {SHOWN + 1}, {S} tokens (<s> first).", 12),
+            text(20, 62, f"Uniform attention would give {uniform_one:.3f} to the previous token or to <s>, and "
+                         f"{uniform:.3f} to the tokens after earlier copies: induction is weak in this model.", 12)]
+    for i, (kind, score) in enumerate(picks):
+        layer, head = np.unravel_index(int(np.argmax(score)), score.shape)
+        x0 = left + i * (size + gap)
+        body.append(text(x0, top - 6, f"{kind}: head {layer}.{head}, mean {score[layer, head]:.3f}", 11))
+        body.append(f'<rect x="{x0}" y="{top}" width="{size}" height="{size}" fill="#e4e4e4"/>\n')
+        body += heatmap(trace[f"layers.{layer}.attn.probs"][0, head], x0, top, cell, colours, level)
+        for k, t in enumerate(tokens):
+            xk = x0 + k * cell + cell * 0.7
+            body.append(f'<text x="{xk:.1f}" y="{top + size + 4}" font-size="8" text-anchor="end" {MONO} '
+                        f'transform="rotate(-90 {xk:.1f} {top + size + 4})">{esc(t)}</text>\n')
+            if i == 0:
+                body.append(text(x0 - 4, top + k * cell + cell * 0.8, t, 8, "end", f" {MONO}"))
+    xc, h = left + 3 * (size + gap) - gap + 16, size
+    for lv in range(levels):
+        body.append(f'<rect x="{xc}" y="{top + h - (lv + 1) * h / levels:.2f}" width="14" '
+                    f'height="{h / levels + 0.3:.2f}" fill="{colours[lv]}"/>\n')
+    for v in (0, 0.5, 1):
+        body.append(text(xc + 20, top + h - v * h + 4, f"{v:g}", 10))
+    body.append(text(left, top + size + 70, "rows: query, columns: key; grey: masked (future keys)", 11))
+    return svg(xc + 50, top + size + 84, body)
+
+
+def lens(model, h):
+    """Final RMSNorm + lm_head applied to a residual-stream state [S, D] -> probabilities [S, V]."""
+    x = rms_norm(h[None], model.params["norm"], model.config.rms_norm_eps)
+    return softmax(lm_logits(model.params, model.config, x)[0].astype(np.float64))
+
+
+def residual_states(trace, layers):
+    return [("embedding", trace["embed"][0])] + [(f"after layer {i}", trace[f"layers.{i}.out"][0])
+                                                for i in range(layers)]
+
+
+def logit_lens_figure(data):
+    model, tok, _, line, ids, tokens, trace = data
+    states = residual_states(trace, model.config.num_hidden_layers)
+    probs = [lens(model, h) for _, h in states]
+    final = probs[-1].argmax(-1)
+    logits = trace["logits"][0]
+    assert np.array_equal(final, logits.argmax(-1)), "the lens of the last layer must be the model's prediction"
+    S, cw, ch, levels = len(ids), 46, 22, 10
+    colours = palette(levels)
+    left, top = 96, 96
+    agree = [int((p.argmax(-1) == final).sum()) for p in probs]
+    body = [text(20, 24, "Logit lens of golden/models/llama_trained on held-out line "
+                         f"{SHOWN + 1}: final norm + lm_head on each residual state", 15, extra=' font-weight="bold"'),
+            text(20, 44, "Cell: the top-1 next-token prediction at that position; colour: the probability that "
+                         "state gives to the model's final prediction.", 12),
+            text(20, 62, "Top-1 equal to the final prediction, of " + str(S) + " positions: " +
+                 ", ".join(f"{name} {n}" for (name, _), n in zip(states, agree)) + ".", 12)]
+    for r, ((name, _), p) in enumerate(zip(states, probs)):
+        y = top + r * ch
+        body.append(text(left - 6, y + ch * 0.68, name, 11, "end"))
+        top1 = p.argmax(-1)
+        for q in range(S):
+            f = float(p[q, final[q]])
+            lv = min(levels - 1, int(f * levels))
+            body.append(f'<rect x="{left + q * cw}" y="{y}" width="{cw}" height="{ch}" fill="{colours[lv]}" '
+                        f'stroke="#ffffff"/>\n')
+            body.append(text(left + q * cw + cw / 2, y + ch * 0.68, piece(tok.sp.IdToPiece(int(top1[q])))[:7], 9,
+                             "middle", f' {MONO} fill="{"#000000" if lv >= 6 else "#ffffff"}"'))
+    y = top + len(states) * ch
+    for q, t in enumerate(tokens):
+        xq = left + q * cw + cw / 2 + 3
+        body.append(f'<text x="{xq:.1f}" y="{y + 6}" font-size="9" text-anchor="end" {MONO} '
+                    f'transform="rotate(-90 {xq:.1f} {y + 6})">{esc(t)}</text>\n')
+    body.append(text(left - 6, y + 14, "input", 11, "end"))
+    xc = left + S * cw + 16
+    h = len(states) * ch
+    for lv in range(levels):
+        body.append(f'<rect x="{xc}" y="{top + h - (lv + 1) * h / levels:.2f}" width="14" '
+                    f'height="{h / levels + 0.3:.2f}" fill="{colours[lv]}"/>\n')
+    for v in (0, 0.5, 1):
+        body.append(text(xc + 20, top + h - v * h + 4, f"{v:g}", 10))
+    return svg(xc + 50, y + 70, body)
+
+
+def residual_figure(data):
+    model, tok, _, line, ids, tokens, trace = data
+    states = residual_states(trace, model.config.num_hidden_layers)
+    mags = [np.abs(h).max(0) for _, h in states]  # [D] per state
+    D = mags[0].shape[0]
+    top_value = max(float(m.max()) for m in mags)
+    pw, ph, left, top, gap = 3 * D, 70, 110, 100, 18
+    ymax = math.ceil(top_value)
+    body = [text(20, 24, f"Max |value| per hidden dimension of the residual stream, llama_trained on held-out line "
+                         f"{SHOWN + 1}", 15, extra=' font-weight="bold"'),
+            text(20, 44, f"Each bar: one of the {D} dimensions, max over the {len(ids)} positions. Largest anywhere: "
+                         f"{top_value:.2f} (fp16 max 65504, {65504 / top_value:.0f}× larger).", 12),
+            text(20, 62, "Medians per row: " + ", ".join(f"{name} {np.median(m):.2f}" for (name, _), m in
+                                                          zip(states, mags)) + ".", 12)]
+    for r, ((name, _), m) in enumerate(zip(states, mags)):
+        y0 = top + r * (ph + gap)
+        body.append(f'<rect x="{left}" y="{y0}" width="{pw}" height="{ph}" fill="none" stroke="#999999"/>\n')
+        body.append(text(left - 8, y0 + ph / 2 + 4, name, 11, "end"))
+        body.append(text(left + pw + 6, y0 + 4, f"{ymax}", 10))
+        body.append(text(left + pw + 6, y0 + ph + 4, "0", 10))
+        d = "".join(f"M{left + 3 * i + 1.5} {y0 + ph}V{y0 + ph - float(v) / ymax * ph:.1f}" for i, v in enumerate(m))
+        body.append(f'<path d="{d}" stroke="#3e4a89" stroke-width="2.2"/>\n')
+        i = int(np.argmax(m))
+        body.append(text(left + 3 * i + 1.5, y0 + ph - float(m[i]) / ymax * ph - 3, f"dim {i}: {m[i]:.2f}", 9,
+                         "middle"))
+    y = top + len(states) * (ph + gap)
+    for t in (0, D // 2, D - 1):
+        body.append(text(left + 3 * t + 1.5, y, str(t), 10, "middle"))
+    body.append(text(left + pw / 2, y + 16, "hidden dimension", 11, "middle"))
+    return svg(880, y + 30, body)
+
+
 def figures():
+    trained = trained_data()
     return {
+        "trained_heads.svg": trained_heads_figure(trained),
+        "trained_logit_lens.svg": logit_lens_figure(trained),
+        "trained_residual_max.svg": residual_figure(trained),
         "attention_llama_mha.svg": attention_figure(),
         "rope_frequencies.svg": rope_figure(),
         "block_llama.svg": block_figure(
