@@ -21,6 +21,7 @@ import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "bench"))
 
 import refimpl  # noqa: E402
 
@@ -34,6 +35,26 @@ VARIANTS = [  # (label, refimpl.load keyword arguments)
     ("accel numba bf16", {"backend": "numba", "weights": "bf16"}),
     ("accel numba int8 (Q8_0)", {"backend": "numba", "weights": "int8"}),
 ]
+
+
+GGUF_TYPES = ["Q8_0", "Q5_0", "Q4_0"]  # the K-quants (Q4_K, Q6_K) need rows of 256 weights: this model's are 192
+
+
+def write_ggufs(folder, root, qtypes):
+    """The checkpoint as llama.cpp's converter writes it, once per type -> {qtype: path} (bench_decode.write_gguf)."""
+    import json
+
+    from bench_decode import write_gguf
+    from refimpl.weights import read_safetensors
+
+    with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
+        cfg = json.load(f)
+    tensors = {name: np.asarray(a, np.float32) for name, a in read_safetensors(os.path.join(folder, "model.safetensors")).items()}
+    paths = {}
+    for qtype in qtypes:
+        paths[qtype] = os.path.join(root, f"trained-{qtype}.gguf")
+        write_gguf(paths[qtype], cfg, tensors, qtype)
+    return paths
 
 
 def sequences(folder, text, limit=None):
@@ -69,14 +90,23 @@ def main(argv=None):
     ap.add_argument("--model", default=os.path.join(ROOT, "golden", "models", "llama_trained"))
     ap.add_argument("--text", default=os.path.join(ROOT, "golden", "trained", "heldout.txt"))
     ap.add_argument("--limit", type=int, default=None, help="first N lines only")
+    ap.add_argument("--gguf", default=",".join(GGUF_TYPES), help="GGUF types to add (comma list; '' for none)")
     args = ap.parse_args(argv)
     seqs = sequences(args.model, args.text, args.limit)
     reference = None
     rows = []
-    for label, kwargs in VARIANTS:
+    import tempfile
+
+    tmp = tempfile.TemporaryDirectory()
+    ggufs = write_ggufs(args.model, tmp.name, [t for t in args.gguf.split(",") if t]) if args.gguf else {}
+    variants = [(label, args.model, kwargs) for label, kwargs in VARIANTS]
+    for qtype, path in ggufs.items():
+        variants += [(f"refimpl numpy, GGUF {qtype}", path, {}),
+                     (f"accel numba, GGUF {qtype} (repacked fp32)", path, {"backend": "numba", "weights": "fp32"})]
+    for label, path, kwargs in variants:
         t0 = time.perf_counter()
         try:
-            model = refimpl.load(args.model, **kwargs)
+            model = refimpl.load(path, **kwargs)
         except Exception as e:  # e.g. numba not installed
             rows.append(f"| {label} | skipped: {type(e).__name__}: {e} | | | |")
             continue
