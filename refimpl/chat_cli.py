@@ -16,12 +16,11 @@ session goes on; the message that failed is dropped from the conversation.
 """
 from __future__ import annotations
 
-import math
 import os
 import sys
 import warnings
 
-from .cli_common import add_backend_arguments, add_model_argument, cli_message, load_options
+from .cli_common import add_backend_arguments, add_model_argument, check_sampling_values, cli_message, load_options
 from .errors import InputError, RefimplError
 from .streamers import TextStreamer
 
@@ -67,12 +66,7 @@ def check_values(args):
     """Each flag's value, checked before the model loads so that the error names the flag."""
     if args.max_new_tokens < 1:
         raise InputError(f"-n/--max-tokens {args.max_new_tokens}: must be >= 1")
-    if args.temperature is not None and (not math.isfinite(args.temperature) or args.temperature <= 0):
-        raise InputError(f"--temp {args.temperature}: must be > 0 (for greedy decoding use --greedy)")
-    if args.top_k is not None and args.top_k < 0:
-        raise InputError(f"--top-k {args.top_k}: must be >= 0 (0 disables top-k)")
-    if args.top_p is not None and not 0 < args.top_p <= 1:
-        raise InputError(f"--top-p {args.top_p}: must be in (0, 1]")
+    check_sampling_values(args)  # --temp, --top-k, --top-p: the same rules as refimpl generate
 
 
 def generate_settings(args):

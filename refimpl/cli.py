@@ -17,7 +17,6 @@ Every command takes its model as MODEL or -m MODEL, -q/--quiet and -v/--verbose;
 from __future__ import annotations
 
 import inspect as pyinspect
-import math
 import os
 import sys
 import time
@@ -30,6 +29,7 @@ from . import convert as convert_command
 from . import inspect as inspect_command
 from . import perplexity as perplexity_command
 from .cli_common import (BACKENDS, WEIGHT_FORMATS, Parser, accept_model_flag, add_backend_arguments,  # noqa: F401
+                         check_sampling_values,
                          add_log_arguments, add_model_argument, announce_compile, cli_message, load_options, log,
                          positive_int, resolve_model, show_warning, start_logging)
 from .oracle_cli import add_parsers as add_oracle_parsers
@@ -167,25 +167,6 @@ def sampling_settings(args, model):
 def accepts_keyword(function, name):
     parameters = pyinspect.signature(function).parameters
     return name in parameters or any(p.kind is p.VAR_KEYWORD for p in parameters.values())
-
-
-def check_sampling_values(args):
-    """Each generation flag's value, checked here so that the error names the flag."""
-    if args.temperature is not None and (not math.isfinite(args.temperature) or args.temperature <= 0):
-        raise InputError(f"--temp {args.temperature}: must be > 0 (for greedy decoding use --greedy)")
-    if args.top_k is not None and args.top_k < 0:
-        raise InputError(f"--top-k {args.top_k}: must be >= 0 (0 disables top-k)")
-    if args.top_p is not None and not 0 < args.top_p <= 1:
-        raise InputError(f"--top-p {args.top_p}: must be in (0, 1]")
-    if args.min_p is not None and not 0 <= args.min_p <= 1:
-        raise InputError(f"--min-p {args.min_p}: must be in [0, 1]")
-    if args.repetition_penalty is not None and (not math.isfinite(args.repetition_penalty)
-                                                or args.repetition_penalty <= 0):
-        raise InputError(f"--repetition-penalty {args.repetition_penalty}: must be > 0")
-    if args.max_new_tokens is not None and args.max_new_tokens < 1:
-        raise InputError(f"-n/--max-new-tokens {args.max_new_tokens}: must be >= 1")
-    if args.min_new_tokens is not None and args.min_new_tokens < 0:
-        raise InputError(f"--min-new-tokens {args.min_new_tokens}: must be >= 0")
 
 
 def generate_cmd(args) -> int:

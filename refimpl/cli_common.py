@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import re
 import sys
@@ -252,3 +253,24 @@ def write_json(path, obj):
 
     data = text.encode("utf-8")
     write_atomically(path, lambda f: f.write(data))
+
+
+def check_sampling_values(args):
+    """Each generation flag's value (those the command has), checked before the model loads so that the error
+    names the flag: generate and chat share it."""
+    value = lambda name: getattr(args, name, None)  # noqa: E731  (chat has no --min-p, --min-new-tokens, ...)
+    t, k, p, min_p, penalty = (value(n) for n in ("temperature", "top_k", "top_p", "min_p", "repetition_penalty"))
+    if t is not None and (not math.isfinite(t) or t <= 0):
+        raise InputError(f"--temp {t}: must be > 0 (for greedy decoding use --greedy)")
+    if k is not None and k < 0:
+        raise InputError(f"--top-k {k}: must be >= 0 (0 disables top-k)")
+    if p is not None and not 0 < p <= 1:
+        raise InputError(f"--top-p {p}: must be in (0, 1]")
+    if min_p is not None and not 0 <= min_p <= 1:
+        raise InputError(f"--min-p {min_p}: must be in [0, 1]")
+    if penalty is not None and (not math.isfinite(penalty) or penalty <= 0):
+        raise InputError(f"--repetition-penalty {penalty}: must be > 0")
+    if value("max_new_tokens") is not None and args.max_new_tokens < 1:
+        raise InputError(f"-n/--max-new-tokens {args.max_new_tokens}: must be >= 1")
+    if value("min_new_tokens") is not None and args.min_new_tokens < 0:
+        raise InputError(f"--min-new-tokens {args.min_new_tokens}: must be >= 0")
