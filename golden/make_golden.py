@@ -522,7 +522,7 @@ TEXT_CASES = [
 ]
 # Trained models (golden/train.py) and their goldens (golden/make_trained_goldens.py): made by those scripts, so
 # this one leaves them as they are (never removed as stale; copied into --check's temp dir before comparing).
-TRAINED_MODELS = ("llama_trained",)
+TRAINED_MODELS = ("llama_trained", "opt_trained")
 TEXT_TOKENIZERS = {"llama_text": ("llama", "LlamaTokenizer"), "opt_text": ("opt", "GPT2Tokenizer")}
 TEXT_PROMPTS = ["Once upon a time", "The capital of France is", "你好，世界。", "def hello():\n    return",
                 "Emoji 🙂 and spaces   here"]

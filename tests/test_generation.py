@@ -15,7 +15,7 @@ from golden_cases import GOLDEN
 GEN_DIR = os.path.join(GOLDEN, "generation")
 # Text-in/text-out goldens (a prompt string per run, make_golden.build_text_generation's format); the trained model's
 # comes from golden/make_trained_goldens.py.
-TEXT_MODELS = ["llama_text", "opt_text", "llama_trained"]
+TEXT_MODELS = ["llama_text", "opt_text", "llama_trained", "opt_trained"]
 GEN_MODELS = sorted(f[:-4] for f in os.listdir(GEN_DIR) if f.endswith(".npz") and f[:-4] not in TEXT_MODELS)
 
 
