@@ -40,7 +40,8 @@ from refimpl.formats.safetensors import MAX_HEADER_BYTES
 from refimpl.opt import POSITION_OFFSET, has_final_layer_norm
 from refimpl.weights import checkpoint_files, read_model_config
 
-from .quant import QBLOCK, Weight
+from .cpu.linear import Weight
+from .formats import QBLOCK
 
 LAYOUT_VERSION = 2
 FULL_HASH_BYTES = 64 << 20  # files up to this size (configs, small checkpoints) are hashed whole
@@ -120,7 +121,7 @@ def folder_for(cache_dir, path, fmt, key=None):
 # --- what packing writes, from the config -------------------------------------------------------------------------
 
 def expected_layout(config, head, fmt):
-    """{entry name: spec} that packing (accel.model.iter_packed) writes for this config, refimpl head ("base",
+    """{entry name: spec} that packing (accel.packing.iter_packed) writes for this config, refimpl head ("base",
     "causal_lm", "seq_cls", "qa") and format; spec is ("array", shape) for a float32 array, ("weight", shape) for a
     matrix stored in fmt, or ("same_as", entry name) for a tied lm_head."""
     top, layer = (_opt_layout if config.family == "opt" else _llama_layout)(config)
@@ -216,7 +217,7 @@ def save(params, folder, key, fmt, progress=False, replace=False):
 
 def save_entries(entries, folder, key, fmt, progress=False, replace=False):
     """Write (dotted name, leaf) entries into `folder` one at a time, atomically (a temporary folder renamed into
-    place). `entries` may be a generator that packs each layer only when it is reached (accel.model.iter_packed):
+    place). `entries` may be a generator that packs each layer only when it is reached (accel.packing.iter_packed):
     then no more than one packed layer is ever in memory, whatever the model's size. replace=True swaps out a
     folder already there (one that failed its check); otherwise an existing folder means another process converted
     first, and it is kept."""

@@ -1,7 +1,7 @@
 """accel's part in generate: three hooks; the loop, settings, processors and samplers are refimpl.generate's.
 
 refimpl.generate runs greedy, sampling and beam search for every model through generation_forward,
-generation_cache and reorder_cache. accel's models (CPU and CUDA) supply these, so every generation option is
+generation_cache and reorder_cache. accel's models (every backend) supply these, so every generation option is
 implemented once, and a seed gives refimpl's tokens:
   - generation_forward runs the decoder on a KVCache and computes the last position's logits only;
   - generation_cache starts with room for the prompt and GENERATION_CHUNK more positions; the cache then grows
@@ -10,20 +10,7 @@ implemented once, and a seed gives refimpl's tokens:
 """
 from __future__ import annotations
 
-import numpy as np
-
 GENERATION_CHUNK = 256  # positions of room beyond the prompt; growth adds up to 256 more at a time
-
-
-def reorder_storage(cache, rows):
-    """A cache of the same class whose row i is row rows[i] of `cache` (a copy: older caches never change)."""
-    storage = cache.storage
-    xp = getattr(storage, "xp", np)  # the CUDA storage's array module
-    new = object.__new__(type(storage))
-    new.__dict__.update(storage.__dict__)
-    new.data = storage.data[:, :, xp.asarray(rows)]
-    new.filled = cache.length
-    return type(cache)(new, cache.length)
 
 
 class GenerationHooks:
@@ -40,4 +27,4 @@ class GenerationHooks:
 
     def reorder_cache(self, cache, rows):
         """Beam search's gather (refimpl's reorder_cache), on the cache's own storage."""
-        return reorder_storage(cache, rows)
+        return cache.reorder(rows)

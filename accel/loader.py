@@ -12,8 +12,11 @@ from refimpl.formats.common import human_bytes
 from refimpl.pretrained import read_generation_config
 from refimpl.weights import read_model_config
 
-from . import convert, jit
-from .model import ACCEL_CLASSES, iter_packed, parameter_leaves
+from . import convert
+from .cpu import jit
+from .cpu.forward import ACCEL_CLASSES
+from .formats import BYTES_PER_WEIGHT
+from .packing import iter_packed, parameter_leaves
 
 
 def refimpl_class(config):
@@ -41,7 +44,6 @@ def set_threads(threads):
 
 
 IN_MEMORY_LIMIT = 1 << 30  # packed weights up to 1 GiB stay in memory when no cache_dir is given
-BYTES_PER_WEIGHT = {"fp32": 4.0, "fp16": 2.0, "bf16": 2.0, "int8": 1.125}
 
 
 def default_cache_dir():

@@ -517,7 +517,7 @@ def main():
 
     engines = args.engines.split(",")
     have = {"torch": _imports("torch") and _imports("transformers"), "llamacpp": _imports("llama_cpp")}
-    from accel import blas
+    from refimpl_accel.cpu import blas
 
     print(f"# bench_decode: {args.threads} threads, {args.busy} cores kept busy, median of {args.runs} runs, pp{PP} / tg{TG}, "
           f"load average {os.getloadavg()[0]:.2f}; accel's prompt GEMMs: {blas.provider()[1]} "

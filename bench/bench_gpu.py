@@ -30,7 +30,7 @@ sys.path.insert(0, os.path.join(ROOT, "bench"))
 
 import numpy as np  # noqa: E402
 
-from accel.cuda.device import bandwidth_limit, check_cuda  # noqa: E402
+from refimpl_accel.cuda.device import bandwidth_limit, check_cuda  # noqa: E402
 
 
 def timed(fn, sync, runs):

@@ -40,6 +40,20 @@ CAUSAL_LM_FOR_MODEL_TYPE = {"llama": LlamaForCausalLM, "open-llama": OpenLlamaFo
 
 
 BACKENDS = ("numpy", "numba", "cuda")
+ACCEL = "refimpl_accel"  # the fast backends: the accel/ folder of this repository, installed under this name
+
+
+def accel_package(backend: str = "numba"):
+    """The seam between refimpl and its fast backends: the one place refimpl imports accel (load, and the CLI's
+    inspect / bench / compile notice through accel's public functions). accel imports refimpl, never the reverse at
+    import time: `import refimpl` needs NumPy alone (tests/test_import.py holds both rules over the import graph)."""
+    import importlib
+
+    try:
+        return importlib.import_module(ACCEL)
+    except ImportError as exc:  # accel's own dependencies are extras
+        raise ConfigError(f"backend={backend!r} needs the accel package and its extras "
+                          f"(pip install 'refimpl[accel]'): {exc}") from None
 
 
 def load(path: str | os.PathLike, dtype: DTypeLike = np.float32, backend: str = "numpy",
@@ -55,14 +69,7 @@ def load(path: str | os.PathLike, dtype: DTypeLike = np.float32, backend: str = 
     if backend != "numpy":
         if weights_dtype is not None:
             raise ConfigError("weights_dtype applies to backend='numpy'; the accel backends take weights=")
-        try:
-            import accel
-        except ImportError as exc:  # accel's own dependencies are extras
-            raise ConfigError(f"backend={backend!r} needs the accel package and its extras "
-                              f"(pip install 'refimpl[accel]'): {exc}") from None
-        if not hasattr(accel, "load"):
-            raise ConfigError(f"backend={backend!r} is not implemented in this version of accel")
-        return accel.load(path, dtype=dtype, backend=backend, **backend_options)
+        return accel_package(backend).load(path, dtype=dtype, backend=backend, **backend_options)
     if backend_options:
         raise ConfigError(f"options {sorted(backend_options)} apply to the accel backends, not to backend='numpy'")
     config = read_model_config(path)  # config.json, or the metadata of a .gguf file

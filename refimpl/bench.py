@@ -136,9 +136,9 @@ def threads_label(args):
     if args.threads is not None:
         return args.threads
     if args.backend == "numba":
-        from accel.jit import default_threads
+        from . import accel_package
 
-        return default_threads()
+        return accel_package().default_threads()
     try:
         from threadpoolctl import threadpool_info
     except ImportError:

@@ -157,11 +157,13 @@ def announce_compile(args):
     """Before loading for --backend numba: True, and one line on stderr, when Numba has no compiled kernels cached."""
     if getattr(args, "backend", None) != "numba":
         return False
+    from . import ConfigError, accel_package
+
     try:
-        from accel.jit import kernels_cached
-    except ImportError:  # no Numba: refimpl.load says so
+        cached = accel_package().kernels_cached()
+    except (ConfigError, ImportError):  # no accel or no Numba: refimpl.load says so
         return False
-    if kernels_cached():
+    if cached:
         return False
     if not args.quiet:
         print(COMPILE_NOTICE, file=sys.stderr, flush=True)

@@ -126,24 +126,24 @@ def _tie(c, names: set) -> str:
 
 def cpu_backend_status() -> str:
     """Whether backend="numba" can run here, and which library computes its prompt GEMMs (asked of accel lazily)."""
-    if importlib.util.find_spec("accel") is None:
-        return "backend='numba' not usable: the accel package is not installed"
-    import accel
-    from accel import blas
+    from . import ACCEL, accel_package
 
+    if importlib.util.find_spec(ACCEL) is None:
+        return "backend='numba' not usable: the accel package is not installed"
+    accel = accel_package()
     ok, detail = accel.numba_available()
     if not ok:
         return f"backend='numba' not usable: Numba is missing (pip install 'refimpl[accel]'): {detail}"
-    kind, reason = blas.provider()
+    kind, reason = accel.blas_provider()
     gemm = reason if kind == "mkl" else f"NumPy's BLAS ({reason})"
     return f"backend='numba' usable (Numba {detail}); prompt GEMMs on {gemm}"
 
 
 def gpu_backend_status() -> str:
     """Whether backend="cuda" can run here, and if not, what is missing (asked of accel lazily)."""
-    if importlib.util.find_spec("accel") is None:
-        return "not usable: the accel package is not installed"
-    from accel.cuda.device import check_cuda  # accel imports refimpl; this lazy import runs only for inspect
+    from . import ACCEL, accel_package
 
-    usable, reason = check_cuda()
+    if importlib.util.find_spec(ACCEL) is None:
+        return "not usable: the accel package is not installed"
+    usable, reason = accel_package("cuda").check_cuda()
     return ("usable: " if usable else "not usable: ") + reason

@@ -94,6 +94,17 @@ def positions_from_mask(mask2d, past):
     return positions[:, past:]  # [B, S]
 
 
+def checked_position_ids(cfg, table_rows, mask2d, position_ids, T, B, S):
+    """Position ids [B or 1, S]: counted from the mask, or given (-1, a pad's, reads row 1); each + POSITION_OFFSET
+    must be a row of the learned table of `table_rows` rows (OPTLearnedPositionalEmbedding, modeling_opt.py:67-92)."""
+    if position_ids is None:
+        position_ids = positions_from_mask(mask2d, T)
+    else:
+        position_ids = position_ids_2d(position_ids, B, S, non_negative=False)
+    learned_positions(position_ids, POSITION_OFFSET, table_rows, cfg.max_position_embeddings)
+    return position_ids
+
+
 def opt_model(params, cfg, input_ids=None, inputs_embeds=None, attention_mask=None, position_ids=None,
               past_key_values=None, head_mask=None, dtype=np.float32, trace=NO_TRACE):
     """The decoder stack (OPTDecoder.forward). Returns (final hidden, hidden states (L+1), attentions, cache)."""
@@ -104,11 +115,7 @@ def opt_model(params, cfg, input_ids=None, inputs_embeds=None, attention_mask=No
     mask2d = attention_mask_2d(attention_mask, B, T + S)  # None -> all ones: pads then count as tokens
     x = params["embed_tokens"][ids].astype(dtype, copy=False) if ids is not None else embeds  # [B, S, E]
     trace("embed", x)
-    if position_ids is None:
-        position_ids = positions_from_mask(mask2d, T)
-    else:
-        position_ids = position_ids_2d(position_ids, B, S, non_negative=False)  # -1 (a pad's) reads row 1
-    learned_positions(position_ids, POSITION_OFFSET, params["embed_positions"].shape[0], cfg.max_position_embeddings)
+    position_ids = checked_position_ids(cfg, params["embed_positions"].shape[0], mask2d, position_ids, T, B, S)
     trace("position_ids", position_ids)
     pos_embeds = params["embed_positions"][position_ids + POSITION_OFFSET].astype(dtype, copy=False)  # [B, S, D]
     trace("pos_embed", pos_embeds)

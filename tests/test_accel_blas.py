@@ -14,7 +14,7 @@ from hypothesis import given, settings, strategies as st
 
 pytest.importorskip("numba", reason="accel needs Numba (pip install 'refimpl[accel]')")
 
-from accel import blas  # noqa: E402
+from refimpl_accel.cpu import blas  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EPS = float(np.finfo(np.float32).eps)
@@ -76,7 +76,7 @@ def test_mkl_is_used_when_installed():
 
 
 def test_refimpl_blas_numpy_turns_mkl_off():
-    code = "from accel import blas; print(blas.provider()[0])"
+    code = "from refimpl_accel.cpu import blas; print(blas.provider()[0])"
     env = dict(os.environ, REFIMPL_BLAS="numpy", PYTHONPATH=ROOT)
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert done.stdout.strip() == "numpy", done.stderr

@@ -16,8 +16,9 @@ if os.environ.get("NUMBA_DISABLE_JIT", "0") not in ("", "0"):
 
 import refimpl  # noqa: E402
 from refimpl import CheckpointError  # noqa: E402
-from accel import convert, loader  # noqa: E402
-from accel.model import ACCEL_CLASSES, iter_packed  # noqa: E402
+from refimpl_accel import convert, loader  # noqa: E402
+from refimpl_accel.cpu.forward import ACCEL_CLASSES  # noqa: E402
+from refimpl_accel.packing import iter_packed  # noqa: E402
 
 from golden_cases import GOLDEN  # noqa: E402
 
@@ -315,7 +316,7 @@ def test_a_failing_folder_is_swapped_whole_never_half_deleted(tmp_path, monkeypa
 
 @pytest.mark.parametrize("case", ALL_MODELS)
 def test_the_expected_layout_is_what_packing_writes(case, tmp_path):
-    """For every golden model: entries packed by accel.model.iter_packed, saved, pass convert.load's checks against
+    """For every golden model: entries packed by accel.packing.iter_packed, saved, pass convert.load's checks against
     expected_layout (the same names, shapes, dtypes and ties), in fp16 and int8."""
     path = os.path.join(MODELS, case)
     reference = refimpl.load(path)

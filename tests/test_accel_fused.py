@@ -1,10 +1,10 @@
-"""accel.fused: the decode path's layers in one compiled call give the per-layer loop's numbers bit for bit.
+"""accel.cpu.forward's fused stacks: the decode path's layers in one compiled call give the per-layer loop's numbers bit for bit.
 
 The fused stack calls the loop's kernels with the loop's arguments in the loop's order, so nothing may differ: the
 logits of every decode step and every cached key and value are compared with array_equal, not a tolerance, for
 Llama (GQA with biases, pretraining_tp = 2), Open-Llama and pre-LN OPT, in the four weight formats, on a batch of two
 rows, one left-padded (the mask bias), over two steps (the cache growing at the first). The loop is forced with
-accel.model.FUSED_DECODE = False. Also run under NUMBA_DISABLE_JIT=1 (the stubs' Python bodies): the golden models
+accel.cpu.forward.FUSED_DECODE = False. Also run under NUMBA_DISABLE_JIT=1 (the stubs' Python bodies): the golden models
 are tiny and the steps few.
 """
 import os
@@ -17,7 +17,9 @@ pytest.importorskip("numba", reason="accel needs Numba (pip install 'refimpl[acc
 
 import numba  # noqa: E402
 import refimpl  # noqa: E402
-from accel import fused, kernels_cpu as k, model as accel_model, quant  # noqa: E402
+from refimpl_accel import formats  # noqa: E402
+from refimpl_accel.cpu import forward as fused, linear  # noqa: E402
+accel_model = fused
 from golden_cases import GOLDEN  # noqa: E402
 
 FORMATS = ("fp32", "int8", "fp16", "bf16")
@@ -111,9 +113,9 @@ def test_forwards_the_fused_stack_does_not_take_keep_the_loop(case, kwargs, coun
 
 
 def test_more_rows_than_the_matrix_vector_kernels_take_keep_the_loop(count_fused):
-    """B > quant.SMALL_M decode rows: the loop's products go to BLAS, so the fused stack stays out."""
+    """B > linear.SMALL_M decode rows: the loop's products go to BLAS, so the fused stack stays out."""
     model = load("opt_preln", "fp32")
-    B = quant.SMALL_M + 1
+    B = linear.SMALL_M + 1
     out = model(input_ids=np.full((B, 2), 3), use_cache=True)
     model(input_ids=np.full((B, 1), 4), past_key_values=out.past_key_values, use_cache=True)
     assert count_fused() == 0
@@ -137,23 +139,23 @@ def compiled_linear_rows(x, data, scales, bf16, bias, act, epilogue, out):
 
 
 @settings(max_examples=12, deadline=None, derandomize=True)
-@given(seed=st.integers(0, 2**31 - 1), rows=st.integers(1, quant.SMALL_M), d=st.integers(1, 70),
+@given(seed=st.integers(0, 2**31 - 1), rows=st.integers(1, linear.SMALL_M), d=st.integers(1, 70),
        o=st.integers(1, 40), fmt=st.sampled_from(FORMATS), bias=st.booleans(),
-       epilogue=st.sampled_from([k.STORE, k.ADD, k.ACT, k.GATED]))
+       epilogue=st.sampled_from([formats.STORE, formats.ADD, formats.ACT, formats.GATED]))
 def test_linear_rows_is_linear_into_for_every_format(seed, rows, d, o, fmt, bias, epilogue):
     """fused.linear_rows (the format picked from the data's dtype, compiled and from Python) against
-    quant.linear_into: the same kernel, the same bits."""
+    linear.linear_into: the same kernel, the same bits."""
     rng = np.random.default_rng(seed)
-    O = 2 * o if epilogue == k.GATED else o
-    w = quant.Weight.from_array(rng.standard_normal((O, d)).astype(np.float32), fmt)
+    O = 2 * o if epilogue == formats.GATED else o
+    w = linear.Weight.from_array(rng.standard_normal((O, d)).astype(np.float32), fmt)
     b = rng.standard_normal(O).astype(np.float32) if bias else None
     x = rng.standard_normal((rows, d)).astype(np.float32)
     start = rng.standard_normal((rows, o)).astype(np.float32)
-    act = k.ACT_CODES["silu"]
-    theirs = quant.linear_into(x, w, b, act, epilogue, start.copy())
+    act = formats.ACT_CODES["silu"]
+    theirs = linear.linear_into(x, w, b, act, epilogue, start.copy())
     scales = fused.NO_SCALES if w.scales is None else w.scales
     for linear_rows in (compiled_linear_rows, fused.linear_rows):
         ours = start.copy()
-        linear_rows(x, w.data, scales, fmt == "bf16", quant.NO_BIAS if b is None else b, act, epilogue, ours)
+        linear_rows(x, w.data, scales, fmt == "bf16", linear.NO_BIAS if b is None else b, act, epilogue, ours)
         assert ours.dtype == np.float32
         np.testing.assert_array_equal(ours, theirs)

@@ -18,8 +18,8 @@ if os.environ.get("NUMBA_DISABLE_JIT", "0") not in ("", "0"):
 import refimpl  # noqa: E402
 from refimpl import ConfigError, InputError  # noqa: E402
 from refimpl.trace import Trace  # noqa: E402
-import accel  # noqa: E402
-from accel.kv_cache import KVCache  # noqa: E402
+import refimpl_accel as accel  # noqa: E402
+from refimpl_accel.kv_cache import KVCache  # noqa: E402
 from golden_cases import CASES, GOLDEN, replay  # noqa: E402
 
 ATOL = 1e-5  # refimpl's golden tolerance: accel's sums differ from refimpl's by ~1e-6 (see test_accel_kernels)
@@ -185,7 +185,7 @@ def test_bad_options_raise_config_errors():
         refimpl.load(path, backend="numba", threads=0)
     with pytest.raises(ConfigError, match="apply to the accel backends"):
         refimpl.load(path, weights="int8")
-    with pytest.raises(InputError, match="do not record traces"):
+    with pytest.raises(InputError, match="does not record traces"):
         load("llama_mha")(input_ids=[[1, 2]], trace=Trace())
 
 
@@ -196,7 +196,7 @@ def test_threads_option_sets_numbas_threads():
     model(input_ids=[[1, 2, 3]])
     assert numba.get_num_threads() == 1
     load("llama_mha")(input_ids=[[1, 2, 3]])  # threads=None: all cores again
-    assert numba.get_num_threads() == accel.jit.max_threads()
+    assert numba.get_num_threads() == accel.cpu.jit.max_threads()
 
 
 def test_generate_arguments_are_checked_as_refimpl_checks_them():

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from accel.cli_options import add_backend_arguments, load_options
+from refimpl_accel.cli_options import add_backend_arguments, load_options
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -22,7 +22,7 @@ def run_without_numba(code):
 
 
 def test_without_numba_loading_says_what_to_install_and_accel_tests_skip():
-    code = ("import refimpl, accel.cli_options\n"
+    code = ("import refimpl, refimpl_accel.cli_options\n"
             "try:\n"
             "    refimpl.load('golden/models/llama_mha', backend='numba')\n"
             "except refimpl.ConfigError as e:\n"

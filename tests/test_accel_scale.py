@@ -12,7 +12,8 @@ if os.environ.get("NUMBA_DISABLE_JIT", "0") not in ("", "0"):
     pytest.skip("whole models on pure-Python kernels are too slow", allow_module_level=True)
 
 import refimpl  # noqa: E402
-from accel import convert, loader, model as accel_model, quant  # noqa: E402
+from refimpl_accel import convert, loader, packing as accel_model  # noqa: E402
+from refimpl_accel.cpu import linear as quant  # noqa: E402
 
 import checkpoint_files as cf  # noqa: E402
 from test_stored_weights import write_llama  # noqa: E402

@@ -6,7 +6,7 @@ import sys
 import pytest
 
 pytest.importorskip("numba")
-from accel import jit  # noqa: E402
+from refimpl_accel.cpu import jit  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -29,8 +29,8 @@ def test_cgroup_quota_in_cores(tmp_path, files, expected):
 @pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="CPU affinity is Linux-only")
 def test_a_process_pinned_to_one_core_defaults_to_one_thread():
     code = ("import os; os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}); "
-            "from accel import jit; import refimpl; "
-            "m = refimpl.load('golden/models/llama_mha', backend='numba'); m._enter(); "
+            "from refimpl_accel.cpu import jit; import refimpl; "
+            "m = refimpl.load('golden/models/llama_mha', backend='numba'); from refimpl_accel.cpu import forward; forward.enter(m); "
             "import numba; print(jit.default_threads(), numba.get_num_threads())")
     # Numba's pool is sized at start (NUMBA_NUM_THREADS, here 2 as on a 2-core machine); the pin comes after
     env = dict(os.environ, NUMBA_NUM_THREADS="2")

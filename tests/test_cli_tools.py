@@ -192,7 +192,7 @@ def test_bench_prints_llama_bench_table():
 
 def test_bench_json_and_no_accel_for_numpy():
     code = ("import sys; from refimpl.cli import main; rc = main(sys.argv[1:]); "
-            "assert 'accel' not in sys.modules, 'accel imported'; sys.exit(rc)")
+            "assert 'refimpl_accel' not in sys.modules, 'accel imported'; sys.exit(rc)")
     result = refimpl_cli("bench", "-m", LLAMA, "-p", "8", "-n", "4", "-r", "2", "-o", "json", "-t", "1", code=code)
     assert_one_line_error(result, "--threads 1 applies to --backend numba")
     result = refimpl_cli("bench", "-m", LLAMA, "-p", "8", "-n", "0", "-r", "2", "-o", "json", code=code)
@@ -419,8 +419,8 @@ def test_stats_line_times_the_first_step_apart():
 
 def test_kernel_cache_detection(tmp_path):
     pytest.importorskip("numba")
-    code = ("import os, sys, accel.jit as j; folder = j.kernel_cache_dir(); print(j.kernels_cached()); "
-            "open(os.path.join(folder, 'kernels_cpu._dot-121.py311.nbi'), 'w').close(); print(j.kernels_cached())")
+    code = ("import os, sys, refimpl_accel.cpu.jit as j; folder = j.kernel_cache_dir(); print(j.kernels_cached()); "
+            "open(os.path.join(folder, 'ops._dot-121.py311.nbi'), 'w').close(); print(j.kernels_cached())")
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
                             env={**os.environ, "NUMBA_CACHE_DIR": str(tmp_path), "NUMBA_DISABLE_JIT": "0"})
     assert result.returncode == 0, result.stderr
@@ -429,7 +429,7 @@ def test_kernel_cache_detection(tmp_path):
 
 def test_compile_notice_before_a_cold_numba_load(monkeypatch, capsys):
     pytest.importorskip("numba")
-    import accel.jit
+    import refimpl_accel.cpu.jit
     import refimpl
     from refimpl.cli import main
     from refimpl.cli_common import COMPILE_NOTICE
@@ -439,12 +439,12 @@ def test_compile_notice_before_a_cold_numba_load(monkeypatch, capsys):
 
     monkeypatch.setattr(refimpl, "load", fake_load)
     for cached, shown in ((False, True), (True, False)):
-        monkeypatch.setattr(accel.jit, "kernels_cached", lambda: cached)
+        monkeypatch.setattr(refimpl_accel.cpu.jit, "kernels_cached", lambda: cached)
         assert main(["next-token", OPT, "--ids", "1", "--backend", "numba"]) == 2
         err = capsys.readouterr().err
         assert (COMPILE_NOTICE in err) == shown
         assert err.strip().splitlines()[-1] == "refimpl: error: stopped before loading"
-    monkeypatch.setattr(accel.jit, "kernels_cached", lambda: False)
+    monkeypatch.setattr(refimpl_accel.cpu.jit, "kernels_cached", lambda: False)
     assert main(["next-token", OPT, "--ids", "1", "--backend", "numba", "-q"]) == 2
     assert COMPILE_NOTICE not in capsys.readouterr().err
 

@@ -1,4 +1,4 @@
-"""On a real GPU: every CUDA kernel against its refimpl twin (accel/cuda/checks.py, CuPy arrays), and
+"""On a real GPU (the kernels op by op are tests/test_backend_ops.py's, on its "cuda" backend), and
 refimpl.load(backend="cuda") end to end: every golden case (both families, every head) against transformers' stored
 outputs, the device cache, greedy generation against transformers' sequences, seeded sampling against the numba
 backend, int8 and fp16 storage. Skipped unless CuPy finds a device (accel.cuda.device.check_cuda). The first GPU
@@ -35,7 +35,7 @@ pytest.importorskip("cupy", reason="the GPU checks need CuPy and a device")
 if os.environ.get("NUMBA_ENABLE_CUDASIM", "0") not in ("", "0"):
     pytest.skip("NUMBA_ENABLE_CUDASIM=1: this module is for a real device", allow_module_level=True)
 
-from accel.cuda.device import check_cuda  # noqa: E402
+from refimpl_accel.cuda.device import check_cuda  # noqa: E402
 
 USABLE, REASON = check_cuda()
 if not USABLE:
@@ -45,10 +45,11 @@ import cupy  # noqa: E402
 
 import refimpl  # noqa: E402
 from refimpl import ConfigError  # noqa: E402
-from accel.cuda import checks, kernels  # noqa: E402
-from accel.cuda import model as cuda_model  # noqa: E402
-from accel.cuda.model import DeviceKVCache, DeviceWeight, to_host  # noqa: E402
-from accel.quant import dequantize_q8_0, quantize_q8_0  # noqa: E402
+from refimpl_accel.cuda import linear as cuda_model  # noqa: E402
+from refimpl_accel.cpu.linear import Weight  # noqa: E402
+from refimpl_accel.cuda.linear import DeviceWeight  # noqa: E402
+from refimpl_accel.kv_cache import KVCache, to_host  # noqa: E402
+from refimpl_accel.formats import dequantize_q8_0, quantize_q8_0  # noqa: E402
 from golden_cases import ATOL_FP32_CASE, CASES, replay  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -71,48 +72,10 @@ def reference(case):
     return refimpl.load(os.path.join(MODELS, case))
 
 
-# --- the kernels ----------------------------------------------------------------------------------------------------
-
-@pytest.mark.parametrize("seed", SEEDS)
-@pytest.mark.parametrize("threads", [32, 128, 256])
-def test_cuda_device_norms(seed, threads):
-    for d in (1, 31, 256, 4096):
-        checks.check_rms_norm(dev, host, seed, 3, d, 1e-6, threads)
-        checks.check_layer_norm(dev, host, seed, 3, d, bool(seed % 2), threads)
-
-
-@pytest.mark.parametrize("seed", SEEDS)
-def test_cuda_device_rope(seed):
-    for half in (1, 32, 64):
-        checks.check_rope(dev, host, seed, 2, 4, 3, half, bool(seed % 2), exact=False)
-
-
-@pytest.mark.parametrize("seed", SEEDS)
-@pytest.mark.parametrize("heads", [(1, 1), (4, 4), (8, 2), (32, 8)])
-def test_cuda_device_attention_decode(seed, heads):
-    for head_dim, length in ((8, 1), (64, 300), (128, 1000), (80, 129)):
-        checks.check_attention_decode(dev, host, seed, heads, head_dim, length, 2, bool(seed % 2), 3)
-
-
-@pytest.mark.parametrize("act", sorted(kernels.ACT_CODES))
-def test_cuda_device_activations(act):
-    for seed in SEEDS:
-        checks.check_gated_act(dev, host, seed, 3, 1000, act)
-        checks.check_activation(dev, host, seed, 3, 1000, act)
-
-
-@pytest.mark.parametrize("seed", SEEDS)
-def test_cuda_device_linear_q8(seed):
-    for rows, d, o in ((1, 4096, 64), (4, 100, 33), (2, 31, 5)):
-        checks.check_linear_q8(dev, host, seed, rows, d, o, bool(seed % 2), bool(seed % 3 == 0))
-
-
-# --- the models -----------------------------------------------------------------------------------------------------
-
 @pytest.mark.parametrize("case", CASES)
 def test_cuda_device_golden_case(case):
     """Every stored transformers output of every call, through refimpl.load(backend="cuda"): host float32 outputs,
-    the step calls on our DeviceKVCache."""
+    the step calls on our KVCache."""
     model = load(case)
     assert isinstance(model, refimpl.ARCHITECTURES[type(model).__name__]) and model.xp is cupy
     checked = 0
@@ -157,7 +120,7 @@ def test_cuda_device_generation(name):
 
 @pytest.mark.parametrize("case", ["llama_gqa_bias", "openllama_default", "opt_350m_like"])
 def test_cuda_device_cache_decodes_one_token_at_a_time(case):
-    """The decode kernel over the DeviceKVCache (grown from a too-small one) = one prompt forward."""
+    """The decode kernel over the KVCache (grown from a too-small one) = one prompt forward."""
     model = load(case)
     ids = np.array([[5, 9, 3, 17, 11, 4, 8, 2], [7, 1, 6, 12, 9, 9, 3, 5]])
     full = model(input_ids=ids).logits
@@ -166,7 +129,7 @@ def test_cuda_device_cache_decodes_one_token_at_a_time(case):
         out = model(input_ids=ids[:, t:t + 1], past_key_values=cache, use_cache=True)
         cache = out.past_key_values
         steps.append(out.logits[:, -1])
-    assert isinstance(cache, DeviceKVCache) and cache.length == ids.shape[1]
+    assert isinstance(cache, KVCache) and cache.length == ids.shape[1]
     np.testing.assert_allclose(np.stack(steps, 1), full, atol=ATOL, rtol=0)
 
 
@@ -182,7 +145,7 @@ def q8_round_trip(params, names, top):
 @pytest.mark.parametrize("case", ["llama_mha", "llama_gqa_bias", "openllama_default", "llama_rope_llama3",
                                   "opt_preln", "opt_350m_like"])
 def test_cuda_device_int8_equals_refimpl_on_the_dequantised_weights(case):
-    """Prompt products on the dequantised matrix (cuBLAS), the decode step in kernels.linear_q8: refimpl with every
+    """Prompt products on the dequantised matrix (cuBLAS), the decode step in accel.cuda.linear.linear_q8: refimpl with every
     matrix replaced by its Q8_0 round trip is the reference, so only summation order differs."""
     ref = reference(case)
     if ref.family == "opt":
@@ -218,7 +181,7 @@ def test_cuda_device_fp16_products_hold_the_bound(monkeypatch):
     rng = np.random.default_rng(0)
     for rows, d, o in ((1, 4096, 64), (7, 768, 300), (128, 64, 192)):
         x = (rng.standard_normal((rows, d)) * 3).astype(np.float32)
-        w = DeviceWeight.upload((rng.standard_normal((o, d)) * 0.05).astype(np.float32), "fp16", cupy)
+        w = DeviceWeight.from_host(Weight.from_array((rng.standard_normal((o, d)) * 0.05).astype(np.float32), "fp16"), cupy)
         assert w.data.dtype == np.float16
         xd = dev(x)
         check_fp16_product(xd, w, cuda_model.product(xd, w))

@@ -1,8 +1,8 @@
-"""accel.cuda.sampling (top-k / top-p sampling on the device) against its host twin accel.sampling.sample_row, under
+"""support.cuda_sampling (top-k / top-p sampling on the device) against its host twin support.numba_sampling.sample_row, under
 Numba's CUDA simulator, token for token on the same u.
 
 Two modes, as tests/test_cuda_kernels.py (see its docstring): without NUMBA_ENABLE_CUDASIM one test re-runs this
-file in a subprocess with NUMBA_ENABLE_CUDASIM=1; with it, the tests below run accel/cuda/sampling_checks.py's
+file in a subprocess with NUMBA_ENABLE_CUDASIM=1; with it, the tests below run tests/support/cuda_sampling_checks.py's
 checks on NumPy arrays. The simulator runs every GPU thread as a Python thread and its block manager polls them
 while holding the GIL: the simulated mode lowers the interpreter's switch interval (sys.setswitchinterval, this
 subprocess only), which makes a launch ~5x faster, and blocks use 1..8 threads (the multi-thread reductions, scan
@@ -77,8 +77,8 @@ else:
     import numpy as np
     from hypothesis import Phase, given, settings, strategies as st
 
-    from accel.cuda import sampling as S
-    from accel.cuda import sampling_checks as checks
+    from support import cuda_sampling as S
+    from support import cuda_sampling_checks as checks
     from refimpl import ConfigError
 
     seeds = st.integers(0, 2**31 - 1)
@@ -125,9 +125,9 @@ else:
         assert path.tolist() == [S.SERIAL]
 
     def test_cuda_sample_rng_consumes_the_generator_as_the_host():
-        """sample_rng draws u as accel.sampling.sample (rng.random((B, 1))): the same seed gives the same tokens,
+        """sample_rng draws u as support.numba_sampling.sample (rng.random((B, 1))): the same seed gives the same tokens,
         step after step."""
-        from accel.sampling import sample as host_sample
+        from support.numba_sampling import sample as host_sample
 
         rng = np.random.default_rng(11)
         ours, theirs = np.random.default_rng(7), np.random.default_rng(7)

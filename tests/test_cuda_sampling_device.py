@@ -1,4 +1,4 @@
-"""On a real GPU: accel.cuda.sampling against its host twin accel.sampling.sample_row (accel/cuda/sampling_checks.py
+"""On a real GPU: support.cuda_sampling against its host twin support.numba_sampling.sample_row (tests/support/cuda_sampling_checks.py
 with CuPy arrays), at real vocabulary sizes and block sizes, plus a timing. Skipped unless CuPy finds a device
 (accel.cuda.device.check_cuda), as tests/test_cuda_device.py. Run with the other device tests:
 
@@ -19,7 +19,7 @@ pytest.importorskip("cupy", reason="the GPU checks need CuPy and a device")
 if os.environ.get("NUMBA_ENABLE_CUDASIM", "0") not in ("", "0"):
     pytest.skip("NUMBA_ENABLE_CUDASIM=1: this module is for a real device", allow_module_level=True)
 
-from accel.cuda.device import check_cuda  # noqa: E402
+from refimpl_accel.cuda.device import check_cuda  # noqa: E402
 
 USABLE, REASON = check_cuda()
 if not USABLE:
@@ -27,9 +27,9 @@ if not USABLE:
 
 import cupy  # noqa: E402
 
-from accel.cuda import sampling as S  # noqa: E402
-from accel.cuda import sampling_checks as checks  # noqa: E402
-from accel.sampling import sample as host_sample  # noqa: E402
+from support import cuda_sampling as S  # noqa: E402
+from support import cuda_sampling_checks as checks  # noqa: E402
+from support.numba_sampling import sample as host_sample  # noqa: E402
 
 dev, host = cupy.asarray, cupy.asnumpy
 VOCABS = (32000, 50272, 128256)
@@ -57,7 +57,7 @@ def test_cuda_device_sample_parallel_rounding_falls_back_to_the_serial_draw(seed
     """u * total within a few ulps of a prefix sum: the serial draw. Its token is the host's when the device's
     exp() gave the host's weights bit for bit (CUDA's exp is within 1 ulp, not always correctly rounded): the one
     case the module docstring names where a device may differ, so it is only asserted then."""
-    from accel.sampling import _weights
+    from support.numba_sampling import _weights
 
     scores, u = checks.rounding_case(seed, vocab=16, threads=4)
     weight, path = cupy.empty((1, 16), np.float64), cupy.empty(1, np.int8)

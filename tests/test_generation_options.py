@@ -301,7 +301,7 @@ def test_use_cache_false_recomputes_and_gives_the_same_tokens():
 @pytest.mark.parametrize("name", ["llama_mha", "opt_preln"])
 def test_accel_generates_through_the_same_code_path(name):
     """accel supplies three hooks only: beam search, processors and stop rules give refimpl's tokens."""
-    accel = pytest.importorskip("accel")
+    accel = pytest.importorskip("refimpl_accel")
     pytest.importorskip("numba")
     ref, fast = model(name), accel.load(os.path.join(GOLDEN, "models", name))
     inputs, kwargs, expected = {r: (i, k, o) for r, i, k, o in load_runs(name)}["beam4_ngram"]
@@ -316,9 +316,9 @@ def test_accel_generates_through_the_same_code_path(name):
 
 def test_accel_cache_grows_in_chunks_not_to_max_new_tokens():
     """max_new_tokens=10**9 used to allocate storage for 10**9 positions up front (47 GiB on a 7B shape)."""
-    accel = pytest.importorskip("accel")
+    accel = pytest.importorskip("refimpl_accel")
     pytest.importorskip("numba")
-    from accel.generate import GENERATION_CHUNK
+    from refimpl_accel.generate import GENERATION_CHUNK
 
     fast = accel.load(os.path.join(GOLDEN, "models", "llama_mha"))
     seen = []

@@ -1,18 +1,15 @@
-"""Weight storage formats and the linear kernels that read them: fp32, fp16, bf16, and int8 in Q8_0 blocks.
+"""Weights in a storage format and the linear kernels that read them (twin: refimpl.ops.linear).
 
 A `Weight` is a matrix [O, D] that stands in for the float32 array refimpl keeps in params: `x @ w.T` runs accel's
 linear kernel and `w[ids]` returns float32 rows (embedding lookup), so refimpl's own head code (lm_logits, OPT's
-lm_head) runs unchanged on it. Everything computes in float32; only storage differs:
-
-  fp32  the checkpoint's numbers, 4 bytes a weight
-  fp16  IEEE half, 2 bytes (kept as uint16 bit patterns: Numba has no float16), widened exactly to float32
-  bf16  bfloat16, 2 bytes, rounded to nearest even as torch's .to(torch.bfloat16)
-  int8  Q8_0 as llama.cpp: each block of 32 weights of a row stores q = round(w / d) in int8 and one scale
-        d = max|w| / 127 (rounded to fp16, as GGUF stores it); w ~ q * d. 1.125 bytes a weight here (d kept float32)
+lm_head) runs unchanged on it. Everything computes in float32; only storage differs (accel.formats lists the
+formats: fp32, fp16, bf16, int8 as Q8_0 blocks, and a GGUF file's own quantized blocks).
 
 Few rows (decode: M <= SMALL_M) go to a Numba matrix-vector kernel that widens or dequantises each row in
-registers while it streams the weights once; more rows (a prompt) are dequantised into a float32 scratch matrix
-and multiplied by BLAS, which wins there (bench/bench_decode.py measures both).
+registers while it streams the weights once; more rows (a prompt) are dequantised a tile at a time into a float32
+scratch and multiplied by BLAS, which wins there (bench/bench_decode.py measures both). The kernels write through
+an epilogue (accel.formats: STORE, ADD into the residual, ACT, GATED = act(gate) * up), so a product and what
+follows it are one pass.
 """
 from __future__ import annotations
 
@@ -23,74 +20,141 @@ import numpy as np
 from refimpl import ConfigError
 from refimpl.ops import ACTIVATIONS
 
-from .jit import FASTMATH, f32_from_bits, f32_from_half_bits, njit, prange
+from ..formats import (ACT, ACT_CODES, ADD, GATED, QBLOCK, STORE, STORAGE, dequantize_q8_0, half_bits_to_f32,
+                       quantize_q8_0, to_bf16_bits, to_fp16_bits)
 from .blas import matmul_nt
-from .kernels_cpu import (ACT, ACT_CODES, ADD, GATED, ONE, STORE, ZERO, _act, _dot4, _exp, _finish_task, _linear_f32,
-                          _task_rows, _task_stride)
+from .jit import FASTMATH, f32_from_bits, f32_from_half_bits, njit, prange
+from .ops import ONE, ZERO, _act, _exp
 
-FORMATS = ("fp32", "fp16", "bf16", "int8")
-QBLOCK = 32  # weights per Q8_0 block
 CONVERT_ELEMENTS = 1 << 22  # weights converted at a time when packing (16 MiB of float32)
+
+
 SMALL_M = 4  # rows up to which the matrix-vector kernels are used (above: BLAS on a float32 matrix)
+
+
 NO_BIAS = np.zeros(0, np.float32)
+
+
 EXACT_ACTS = (0, 2, 7, 8)  # linear, relu, relu2, relu6: no exp / tanh, Numba's epilogue is refimpl's bits
+
+
 # activations the BLAS path's Numba epilogue computes: the exact ones, and silu and sigmoid through the vectorised
-# kernels_cpu._exp (a few ulp from NumPy's exp); the others go through refimpl's NumPy expressions
+# accel.cpu.ops._exp (a few ulp from NumPy's exp); the others go through refimpl's NumPy expressions
 NUMBA_EPILOGUE_ACTS = EXACT_ACTS + (1, 11)
+
+
 ACT_FUNCTIONS = {code: ACTIVATIONS[name] for name, code in ACT_CODES.items()}  # kernel code -> refimpl's function
 
 
-# --- conversions (NumPy, once at load) -----------------------------------------------------------------------------
+# --- the matrix-vector kernels: rows handed out in tasks, outputs written through the epilogue ----------------------
 
-def quantize_q8_0(w):
-    """float32 [O, D] -> (q int8 [O, D], d float32 [O, ceil(D/32)]), llama.cpp's quantize_row_q8_0_ref.
+@njit()
+def _finish(out, m, o, y, u, act, epilogue):
+    """Write one linear output y (and u, the paired up-projection for GATED) as the epilogue says."""
+    if epilogue == GATED:
+        out[m, o] = _act(y, act) * u
+    elif epilogue == ADD:
+        out[m, o] += y
+    elif epilogue == ACT:
+        out[m, o] = _act(y, act)
+    else:
+        out[m, o] = y
 
-    d = amax / 127 per block; q = round-half-away(w / d) using the unrounded d; d is then stored rounded to fp16.
-    A last partial block is quantised as if padded with zeros.
+
+@njit()
+def _task_rows(t, q, O, gated):
+    """The four weight rows task t reads (clamped to the last row; a clamped duplicate is computed, not stored)."""
+    if gated:
+        r1 = min(t + q, O - 1)
+        return t, r1, O + t, O + r1
+    return t, min(t + q, O - 1), min(t + 2 * q, O - 1), min(t + 3 * q, O - 1)
+
+
+@njit()
+def _task_stride(O, gated):
+    """q: outputs per stream (two outputs a task when gated, each needing a gate and an up row; else four)."""
+    return (O + 1) // 2 if gated else (O + 3) // 4
+
+
+@njit()
+def _finish_task(out, m, t, q, a0, a1, a2, a3, bias, r0, r1, r2, r3, act, epilogue):
+    """Add the biases of the task's rows and write its outputs (t, t+q, ...) that exist."""
+    O = out.shape[1]
+    if bias.shape[0] > 0:
+        a0 += bias[r0]
+        a1 += bias[r1]
+        a2 += bias[r2]
+        a3 += bias[r3]
+    if epilogue == GATED:
+        _finish(out, m, t, a0, a2, act, epilogue)
+        if t + q < O:
+            _finish(out, m, t + q, a1, a3, act, epilogue)
+        return
+    _finish(out, m, t, a0, ZERO, act, epilogue)
+    if t + q < O:
+        _finish(out, m, t + q, a1, ZERO, act, epilogue)
+    if t + 2 * q < O:
+        _finish(out, m, t + 2 * q, a2, ZERO, act, epilogue)
+    if t + 3 * q < O:
+        _finish(out, m, t + 3 * q, a3, ZERO, act, epilogue)
+
+
+@njit(fastmath=FASTMATH)
+def _dot4(w0, w1, w2, w3, x):
+    """(w0 . x, w1 . x, w2 . x, w3 . x) in one pass over x."""
+    s0 = s1 = s2 = s3 = ZERO
+    for j in range(x.shape[0]):
+        xj = x[j]
+        s0 += w0[j] * xj
+        s1 += w1[j] * xj
+        s2 += w2[j] * xj
+        s3 += w3[j] * xj
+    return s0, s1, s2, s3
+
+
+@njit(parallel=True, fastmath=FASTMATH)
+def _linear_f32(x, w, bias, act, epilogue, out):
+    """out[m, o] <- epilogue(x[m] . w[o] + b[o]) for a few rows m: each weight row is read from memory once.
+
+    One parallel loop per kind of epilogue, each writing its outputs directly: the shared _finish_task dispatch
+    (as the int8 and half kernels use) streamed ~7% slower here, bench machine, 110M decode weights.
     """
-    w = np.ascontiguousarray(w, dtype=np.float32)
-    O, D = w.shape
-    nb = -(-D // QBLOCK)
-    padded = np.zeros((O, nb * QBLOCK), np.float32)
-    padded[:, :D] = w
-    blocks = padded.reshape(O, nb, QBLOCK)
-    d = np.max(np.abs(blocks), axis=-1) / np.float32(127.0)  # [O, nb]
-    with np.errstate(divide="ignore"):
-        inv = np.where(d > 0, np.float32(1.0) / d, np.float32(0.0)).astype(np.float32)
-    scaled = blocks * inv[..., None]
-    q = np.trunc(scaled + np.copysign(np.float32(0.5), scaled)).astype(np.int8)  # roundf: half away from zero
-    return np.ascontiguousarray(q.reshape(O, -1)[:, :D]), d.astype(np.float16).astype(np.float32)
+    O = out.shape[1]
+    M = x.shape[0]
+    has_bias = bias.shape[0] > 0
+    if epilogue == GATED:  # rows r0, r1 of the gate, u0, u1 the matching rows of up (F = O further on)
+        q = _task_stride(O, True)
+        for task in prange(q):
+            t = np.int64(task)
+            r0, r1, u0, u1 = _task_rows(t, q, O, True)
+            for m in range(M):
+                g0, g1, a0, a1 = _dot4(w[r0], w[r1], w[u0], w[u1], x[m])
+                if has_bias:
+                    g0, g1, a0, a1 = g0 + bias[r0], g1 + bias[r1], a0 + bias[u0], a1 + bias[u1]
+                out[m, t] = _act(g0, act) * a0
+                if t + q < O:
+                    out[m, t + q] = _act(g1, act) * a1
+        return
+    q = _task_stride(O, False)
+    for task in prange(q):
+        t = np.int64(task)
+        r0, r1, r2, r3 = _task_rows(t, q, O, False)
+        for m in range(M):
+            a0, a1, a2, a3 = _dot4(w[r0], w[r1], w[r2], w[r3], x[m])
+            if has_bias:
+                a0, a1, a2, a3 = a0 + bias[r0], a1 + bias[r1], a2 + bias[r2], a3 + bias[r3]
+            if epilogue == ACT:
+                a0, a1, a2, a3 = _act(a0, act), _act(a1, act), _act(a2, act), _act(a3, act)
+            if epilogue == ADD:  # x += y: the residual add
+                a0, a1, a2, a3 = out[m, t] + a0, out[m, r1] + a1, out[m, r2] + a2, out[m, r3] + a3
+            out[m, t] = a0  # rows past O were clamped to O - 1: only the task that owns a row writes it
+            if t + q < O:
+                out[m, t + q] = a1
+            if t + 2 * q < O:
+                out[m, t + 2 * q] = a2
+            if t + 3 * q < O:
+                out[m, t + 3 * q] = a3
 
-
-def dequantize_q8_0(q, d):
-    """(q [O, D], d [O, nb]) -> float32 [O, D] = q * d of its block."""
-    O, D = q.shape
-    return (q.astype(np.float32) * np.repeat(d, QBLOCK, axis=1)[:, :D]).astype(np.float32)
-
-
-def to_bf16_bits(w):
-    """float32 -> bfloat16 bit patterns (uint16), rounded to nearest even."""
-    bits = np.ascontiguousarray(w, dtype=np.float32).view(np.uint32).astype(np.uint64)
-    return ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
-
-
-def to_fp16_bits(w, name="weight"):
-    """float32 -> IEEE half bit patterns (uint16); a weight beyond fp16's range is refused, not turned into inf."""
-    with np.errstate(over="ignore"):
-        half = np.asarray(w, dtype=np.float32).astype(np.float16)
-    if not np.all(np.isfinite(half)):
-        raise ConfigError(f"{name} has values beyond fp16's range (|w| > 65504): use weights='bf16' or 'fp32'")
-    return np.ascontiguousarray(half).view(np.uint16)
-
-
-def half_bits_to_f32(bits, bf16):
-    """uint16 bit patterns -> float32 (exact)."""
-    if bf16:
-        return (bits.astype(np.uint32) << 16).view(np.float32)
-    return bits.view(np.float16).astype(np.float32)
-
-
-# --- kernels that read the stored formats --------------------------------------------------------------------------
 
 @njit(fastmath=FASTMATH)
 def _dot2_q8(q0, q1, d0, d1, x):
@@ -122,8 +186,6 @@ def _linear_q8(x, q, d, bias, act, epilogue, out):
             a0, a1 = _dot2_q8(q[r0], q[r1], d[r0], d[r1], x[m])
             a2, a3 = _dot2_q8(q[r2], q[r3], d[r2], d[r3], x[m])
             _finish_task(out, m, t, stride, a0, a1, a2, a3, bias, r0, r1, r2, r3, act, epilogue)
-
-
 
 
 @njit()
@@ -216,8 +278,8 @@ class Weight:
     ndim = 2
 
     def __init__(self, fmt, data, scales=None):
-        if fmt not in FORMATS:
-            raise ConfigError(f"weights={fmt!r}: choose one of {', '.join(FORMATS)}")
+        if fmt not in STORAGE:
+            raise ConfigError(f"weights={fmt!r}: choose one of {', '.join(STORAGE)}")
         self.format = fmt
         self.data = data
         self.scales = scales
@@ -230,8 +292,8 @@ class Weight:
         7B embedding needs its packed size plus a few MB, not the converters' float32 / uint64 temporaries."""
         if fmt == "fp32":
             return cls(fmt, writable(w))
-        if fmt not in FORMATS:
-            raise ConfigError(f"weights={fmt!r}: choose one of {', '.join(FORMATS)}")
+        if fmt not in STORAGE:
+            raise ConfigError(f"weights={fmt!r}: choose one of {', '.join(STORAGE)}")
         O, D = w.shape
         data = np.empty((O, D), np.int8 if fmt == "int8" else np.uint16)
         scales = np.empty((O, -(-D // QBLOCK)), np.float32) if fmt == "int8" else None
@@ -342,7 +404,7 @@ def _matmul_tiles(x, weight, y):
 
 
 def linear_into(x, weight, bias, act, epilogue, out):
-    """out [M, O] <- epilogue(x [M, D] @ W^T + b), the epilogue one of kernels_cpu's STORE, ADD, ACT, GATED.
+    """out [M, O] <- epilogue(x [M, D] @ W^T + b), the epilogue one of accel.formats' STORE, ADD, ACT, GATED.
 
     For GATED, W holds gate then up rows ([2F, D]) and out is [M, F]: act(gate) * up.
     """
@@ -438,7 +500,7 @@ def linear(x, weight, bias=None):
 def gated_linear(x, weight, bias, act):
     """act(x Wg^T + bg) * (x Wu^T + bu) with W = [Wg; Wu] ([2F, D]), the activation fused into the up projection.
 
-    twin: the first three lines of refimpl.llama.mlp (gate, up, act(gate) * up); act is a kernels_cpu.ACT_CODES code.
+    twin: the first three lines of refimpl.llama.mlp (gate, up, act(gate) * up); act is an accel.formats.ACT_CODES code.
     """
     weight = as_weight(weight)
     x2 = np.ascontiguousarray(x, dtype=np.float32).reshape(-1, x.shape[-1])

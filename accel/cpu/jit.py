@@ -23,16 +23,15 @@ from numba import prange  # noqa: E402, F401  (re-exported for the kernel module
 
 FASTMATH = {"reassoc", "contract", "arcp", "nsz"}
 JIT_DISABLED = bool(int(os.environ.get("NUMBA_DISABLE_JIT", "0") or 0))
-KERNEL_FILES = ("jit.py", "kernels_cpu.py", "quant.py", "fused.py", "sampling.py")
 
 
 def drop_stale_cache(here=None):
-    """Numba keys a cached function on its own file only: fused.py's cached machine code keeps an old copy of a
-    kernel of quant.py after quant.py changes (a 7B fp16 decode kept running the old kernel, 2x slower). So when
-    any kernel file changes, every cached entry of accel/ is dropped and compiled anew."""
+    """Numba keys a cached function on its own file only: forward.py's cached machine code keeps an old copy of a
+    kernel of linear.py after linear.py changes (a 7B fp16 decode kept running the old kernel, 2x slower). So when
+    any file of accel/cpu/ changes, every cached entry of it is dropped and compiled anew."""
     here = here or os.path.dirname(os.path.abspath(__file__))
     digest = hashlib.sha256()
-    for name in KERNEL_FILES:
+    for name in sorted(n for n in os.listdir(here) if n.endswith(".py")):
         with open(os.path.join(here, name), "rb") as f:
             digest.update(f.read())
     cache, stamp = os.path.join(here, "__pycache__"), digest.hexdigest()

@@ -1,4 +1,4 @@
-"""accel.cuda.sampling against its host twin accel.sampling.sample_row: the checks tests/test_cuda_sampling.py runs
+"""support.cuda_sampling against its host twin support.numba_sampling.sample_row: the checks tests/test_cuda_sampling.py runs
 under Numba's CUDA simulator (NumPy arrays) and tests/test_cuda_sampling_device.py runs on a GPU (CuPy arrays).
 
 The twin is deterministic given u, so a check is equality, token for token, on the same u; as in checks.py, `dev`
@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from accel.sampling import sample_row
+from support.numba_sampling import sample_row
 
-from . import sampling as S
+from support import cuda_sampling as S
 
 KINDS = ("normal", "ties", "flat", "neg_inf", "signed_zero", "peaked")
 # u at the ends of [0, 1): rng.random() returns k * 2^-53 for k in [0, 2^53)
@@ -43,7 +43,7 @@ def make_scores(rng, kind, rows, vocab):
 
 
 def reference(scores, top_k, top_p, u):
-    """The host twin's tokens for every row (accel.sampling.sample_row on the same u)."""
+    """The host twin's tokens for every row (support.numba_sampling.sample_row on the same u)."""
     return np.array([sample_row(row, int(top_k or 0), float(top_p), float(u[b])) for b, row in enumerate(scores)],
                     dtype=np.int64)
 
@@ -201,7 +201,7 @@ def rounding_case(seed, vocab=16, threads=4):
         scores = (rng.standard_normal(vocab) * 2).astype(np.float32)
         w = np.array([math.exp(float(s) - float(scores.max())) for s in scores])
         prefix, total = _parallel_prefix(w, threads)
-        sequential = np.cumsum(w)  # in order, as accel.sampling._draw adds
+        sequential = np.cumsum(w)  # in order, as support.numba_sampling._draw adds
         for j in np.flatnonzero(prefix != sequential):
             for direction in (-np.inf, np.inf):
                 u = sequential[j] / sequential[-1]

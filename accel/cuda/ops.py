@@ -1,19 +1,19 @@
-"""numba.cuda kernels, each the GPU twin of one refimpl function (its docstring says which: "twin: refimpl...").
+"""numba.cuda twins of refimpl/ops.py: norms, rotary embedding, activations (each docstring names its twin).
 
 They take device arrays through the CUDA array interface (CuPy arrays on a GPU) and also run under Numba's CUDA
 simulator (NUMBA_ENABLE_CUDASIM=1, set before Numba is imported), where they take NumPy arrays: that is how
-tests/test_cuda_kernels.py checks every one of them against its twin on a machine without a GPU.
+tests/test_backend_ops.py checks every one of them against its twin on a machine without a GPU.
 
-Each public function is a launcher: it checks shapes, picks the grid and calls the kernel; outputs are written into
-arrays the caller allocated (`out=`) or in place (a trailing underscore); elementwise kernels stride over their
-rows with at most MAX_GRID blocks (the simulator tests launch few). All maths is float32. Reductions (norm
-means, dot products, softmax sums) run in a shared-memory tree over the threads of a block, so they are summed in
-another order than NumPy's: results differ from the twin's in the last bits, bounded as the tests state.
-Elementwise maths (RoPE, activations) is the twin's float32 expression; a GPU compiler may contract a*b + c into
-one FMA, so on a device it matches within a few ulp, and under the simulator exactly (up to exp/erf/tanh's ulp).
+Each public function is a launcher named as its refimpl twin: it checks shapes, picks the grid and calls the
+kernel; outputs are written into arrays the caller allocated (`out=`) or in place (a trailing underscore);
+elementwise kernels stride over their rows with at most MAX_GRID blocks (the simulator tests launch few). All maths
+is float32. Reductions (norm means, dot products, softmax sums) run in a shared-memory tree over the threads of a
+block, so they are summed in another order than NumPy's: results differ from the twin's in the last bits, bounded
+as the tests state. Elementwise maths (RoPE, activations) is the twin's float32 expression; a GPU compiler may
+contract a*b + c into one FMA, so on a device it matches within a few ulp, and under the simulator exactly (up to
+exp/erf/tanh's ulp).
 
-Shapes: M rows, D features, O outputs, F intermediate, B batch, S positions, H query heads, Hkv kv heads,
-R = H / Hkv, NH heads in a fused qkv row, Dh head dim, C cache capacity.
+Shapes: M rows, D features, F intermediate, B batch, S positions, NH heads in a fused qkv row, Dh head dim.
 """
 from __future__ import annotations
 
@@ -25,19 +25,32 @@ from numba import cuda
 from refimpl import ConfigError
 
 THREADS = 128  # default threads per block for the reductions (a power of two, <= MAX_THREADS)
+
+
 MAX_THREADS = 256  # size of the shared scratch arrays
+
+
 MAX_HEAD_DIM = 256  # decode attention keeps one head's context in shared memory
-QBLOCK = 32  # Q8_0 block (accel.quant.QBLOCK)
+
+
 F32_MIN = np.float32(np.finfo(np.float32).min)
+
+
 NEG_INF = np.float32(-np.inf)
+
+
 ZERO, HALF, ONE = np.float32(0.0), np.float32(0.5), np.float32(1.0)
+
+
 SQRT_2_OVER_PI = np.float32(math.sqrt(2.0 / math.pi))
+
+
 SQRT_2 = np.float32(math.sqrt(2.0))
-STORE, ADD = 0, 1  # epilogues of the int8 matvec: out = y | out += y (the residual add)
-# refimpl.ops.ACTIVATIONS names -> the codes of _act (accel.kernels_cpu.ACT_CODES' numbering)
-ACT_CODES = {"linear": 0, "silu": 1, "swish": 1, "relu": 2, "gelu": 3, "gelu_new": 4, "gelu_pytorch_tanh": 4,
-             "gelu_fast": 5, "quick_gelu": 6, "relu2": 7, "relu6": 8, "mish": 9, "tanh": 10, "sigmoid": 11}
+
+
 MAX_GRID = 1024  # most blocks an elementwise (grid-stride) launch uses; any value >= 1 gives the same result
+
+
 LOG_2 = np.float32(math.log(2.0))
 
 
@@ -125,7 +138,7 @@ def _layer_norm_kernel(x, weight, bias, eps, out):
 def layer_norm(x, weight, bias, eps, out, threads=None):
     """out [M, D] <- (x - mean) / sqrt(var + eps) * w + b, one block per row.  twin: refimpl.ops.layer_norm
 
-    A norm without weight or bias is passed ones / zeros (exact: y * 1, y + 0), as kernels_cpu.layer_norm does.
+    A norm without weight or bias is passed ones / zeros (exact: y * 1, y + 0), as accel.cpu.ops.layer_norm does.
     """
     M = x.shape[0]
     if M:
@@ -150,97 +163,21 @@ def _rope_kernel(x, n_heads, cos, sin):
         x[b, s, h, j + half] = x2 * cos[cb, s, j + half] + x1 * sin[cb, s, j + half]
 
 
-def rope_(x, n_heads, cos, sin, threads=None):
+def apply_rotary_(x, n_heads, cos, sin, threads=None):
     """RoPE in place on heads 0..n_heads-1 of x [B, S, NH, Dh] (the q then k heads of a fused qkv row), half-split
     pairing (j, j + Dh/2); cos, sin [1 or B, S, Dh].  twin: refimpl.ops.apply_rotary (x * cos + rotate_half(x) * sin),
-    on the layout before the head transpose (as kernels_cpu.apply_rotary_)."""
+    on the layout before the head transpose (as accel.cpu.ops.apply_rotary_)."""
     B, S = x.shape[0], x.shape[1]
     if B and S and n_heads:
         _rope_kernel[(B, S), _threads(threads)](x, int(n_heads), cos, sin)
     return x
 
 
-# --- decode attention ----------------------------------------------------------------------------------------------
-
-@cuda.jit
-def _attention_decode_kernel(q, k_cache, v_cache, length, bias, divisor, out):
-    """Block (b, h): query head h of row b against kv head h // R, blocks of blockDim keys at a time.
-
-    A block of keys: thread i scores key start+i (a full dot over Dh) into shared memory; every thread then takes the
-    block's max and sum from shared memory (the same numbers in every thread), rescales the running context by
-    exp(old max - new max), and threads split the head dims to add sum_t p_t v_t.
-    """
-    scores = cuda.shared.array(MAX_THREADS, np.float32)
-    acc = cuda.shared.array(MAX_HEAD_DIM, np.float32)
-    b = cuda.blockIdx.x
-    h = cuda.blockIdx.y
-    tid = cuda.threadIdx.x
-    nt = cuda.blockDim.x
-    H = q.shape[1]
-    Dh = q.shape[2]
-    g = h // (H // k_cache.shape[1])  # GQA: query head h reads kv head h // n_rep (refimpl.ops.repeat_kv)
-    has_bias = bias.shape[1] > 0
-    for d in range(tid, Dh, nt):
-        acc[d] = ZERO
-    running_max = NEG_INF
-    running_sum = ZERO
-    cuda.syncthreads()
-    for start in range(0, length, nt):
-        stop = _min(start + nt, length)
-        t = start + tid
-        if t < stop:
-            s = ZERO
-            for d in range(Dh):
-                s += q[b, h, d] * k_cache[b, g, t, d]
-            s = s / divisor
-            if has_bias:
-                s = s + bias[b, t]
-            scores[tid] = _max(s, F32_MIN)  # Open-Llama / OPT clamp (a no-op for Llama unless a score is -inf)
-        cuda.syncthreads()
-        block_max = NEG_INF
-        for i in range(stop - start):
-            block_max = _max(block_max, scores[i])
-        new_max = _max(running_max, block_max)
-        rescale = math.exp(running_max - new_max)  # 0 on the first block
-        block_sum = ZERO
-        for i in range(stop - start):
-            block_sum += math.exp(scores[i] - new_max)
-        running_sum = running_sum * rescale + block_sum
-        for d in range(tid, Dh, nt):
-            a = acc[d] * rescale
-            for i in range(stop - start):
-                a += math.exp(scores[i] - new_max) * v_cache[b, g, start + i, d]
-            acc[d] = a
-        running_max = new_max
-        cuda.syncthreads()  # scores are read by all before the next block overwrites them
-    for d in range(tid, Dh, nt):
-        out[b, h, d] = acc[d] / running_sum
-
-
-def attention_decode(q, k_cache, v_cache, length, bias, divisor, out, threads=None):
-    """out [B, H, Dh] <- softmax(max(q k^T / divisor + bias, finfo.min)) v for one new position per row, read
-    straight from the cache (k_cache, v_cache [B, Hkv, C, Dh], the first `length` positions valid; bias [B, length]
-    additive from the attention mask, or [B, 0] for none). Online softmax, GQA by index (no repeat_kv copy).
-
-    twin: refimpl.llama.attention from `scores = ...` to `probs @ v` for S = 1 (repeat_kv, the divide after the
-    product, the mask, Open-Llama's clamp, softmax); refimpl.opt.attention with divisor 1 (its q is pre-scaled).
-    """
-    B, H, Dh = q.shape
-    if Dh > MAX_HEAD_DIM:
-        raise ConfigError(f"head_dim={Dh}: the CUDA decode kernel handles up to {MAX_HEAD_DIM}")
-    if H % k_cache.shape[1]:
-        raise ConfigError(f"{H} query heads are not a multiple of {k_cache.shape[1]} kv heads")
-    if B and H:
-        _attention_decode_kernel[(B, H), _threads(threads)](q, k_cache, v_cache, int(length), bias,
-                                                           np.float32(divisor), out)
-    return out
-
-
 # --- activations and the gated MLP ---------------------------------------------------------------------------------
 
 @cuda.jit(device=True)
 def _act(x, code):
-    """refimpl.ops.ACTIVATIONS[name] for the codes of ACT_CODES, the same float32 expression (as kernels_cpu._act)."""
+    """refimpl.ops.ACTIVATIONS[name] for the codes of accel.formats.ACT_CODES, the same float32 expression (as accel.cpu.ops._act)."""
     if code == 1:  # silu: x / (1 + exp(-x))
         return x / (ONE + math.exp(-x))
     if code == 2:  # relu
@@ -309,39 +246,4 @@ def activation(y, act, out, threads=None):
     if M * F:
         t = _threads(threads)
         _act_kernel[min(-(-M * F // t), MAX_GRID), t](y, int(act), out)
-    return out
-
-
-# --- int8 (Q8_0) matrix-vector product -----------------------------------------------------------------------------
-
-@cuda.jit
-def _linear_q8_kernel(x, q, d, bias, epilogue, out):
-    """Block o: output column o for every row m; threads stride over D, dequantising q * d on the fly."""
-    scratch = cuda.shared.array(MAX_THREADS, np.float32)
-    o = cuda.blockIdx.x
-    D = x.shape[1]
-    for m in range(x.shape[0]):
-        s = ZERO
-        for j in range(cuda.threadIdx.x, D, cuda.blockDim.x):
-            s += np.float32(q[o, j]) * (x[m, j] * d[o, j // QBLOCK])
-        y = _block_sum(scratch, s)
-        if cuda.threadIdx.x == 0:
-            if bias.shape[0] > 0:
-                y += bias[o]
-            if epilogue == ADD:
-                out[m, o] += y
-            else:
-                out[m, o] = y
-
-
-def linear_q8(x, q, d, bias, out, epilogue=STORE, threads=None):
-    """out [M, O] <- x [M, D] @ dequant(q, d)^T + b (epilogue ADD: out +=), for few rows M (decode).
-
-    q int8 [O, D], d float32 [O, ceil(D/32)] (accel.quant.quantize_q8_0's blocks); the weights are widened in
-    registers, never written out. bias [O] or [0] for none.
-    twin: refimpl.ops.linear on accel.quant.dequantize_q8_0(q, d) (the CPU twin kernel: accel.quant._linear_q8).
-    """
-    O = q.shape[0]
-    if O and x.shape[0]:
-        _linear_q8_kernel[O, _threads(threads)](x, q, d, bias, int(epilogue), out)
     return out

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .jit import njit
+from refimpl_accel.cpu.jit import njit
 
 FIRST_CANDIDATES = 64
 

@@ -1,7 +1,7 @@
-"""Top-k / top-p sampling on the device: one token per row of logits [B, V], the draw accel.sampling.sample makes
+"""Top-k / top-p sampling on the device: one token per row of logits [B, V], the draw support.numba_sampling.sample makes
 from the same uniform u, without copying the vocabulary to the host and without sorting it.
 
-twin: accel.sampling.sample_row (itself refimpl.processors' top_k, top_p and refimpl.generate's sample, in that order).
+twin: support.numba_sampling.sample_row (itself refimpl.processors' top_k, top_p and refimpl.generate's sample, in that order).
 
 The host twin, for one row of scores s [V] (float32, -inf = removed) and u in [0, 1):
   1. top-k keeps the tokens with s_j >= the k-th largest score (ties with the k-th are all kept);
@@ -87,7 +87,7 @@ from numba import cuda
 
 from refimpl import ConfigError
 
-from . import kernels as K
+from refimpl_accel.cuda import ops as K
 
 MAX_THREADS = K.MAX_THREADS  # size of the shared scratch arrays (a global: Numba needs a constant shape)
 SAMPLE_THREADS = 256  # default threads per block (one block per row): as many as the shared scratch holds
@@ -281,7 +281,7 @@ def _sample_kernel(scores, bits, top_k, top_p_cut, use_top_p, u, weight, out, pa
                 hi = below
         kth = lo
 
-    # weights, as accel.sampling._weights: exp(s - max) in float64 for the kept, finite tokens
+    # weights, as support.numba_sampling._weights: exp(s - max) in float64 for the kept, finite tokens
     for j in range(tid, V, nt):
         k = _key(bits[b, j])
         w = 0.0
@@ -378,7 +378,7 @@ def _sample_kernel(scores, bits, top_k, top_p_cut, use_top_p, u, weight, out, pa
             if verified > 0:
                 result = first_hit
                 how = PARALLEL
-            else:  # within rounding of a boundary: the host's serial loop (accel.sampling._draw), in token order
+            else:  # within rounding of a boundary: the host's serial loop (support.numba_sampling._draw), in token order
                 how = SERIAL
                 exact = 0.0
                 for j in range(V):
@@ -408,11 +408,11 @@ def _module(a):
 
 def sample(scores, top_k, top_p, u, out=None, threads=None, path=None, weight=None):
     """tokens int64 [B] (a device array) drawn from scores [B, V] float32 (-inf = removed): top_k (0 = off) then
-    top_p (1.0 = off), then the inverse-CDF draw at u [B] (float64 in [0, 1), drawn on the host as accel.sampling
+    top_p (1.0 = off), then the inverse-CDF draw at u [B] (float64 in [0, 1), drawn on the host as support.numba_sampling
     draws them). One block per row. `path` (int8 [B], optional) receives how each row was drawn (PARALLEL, SERIAL,
     EMPTY); `weight` (float64 [B, V], optional) is the scratch, allocated here when not given.
 
-    twin: accel.sampling.sample_row (refimpl.processors top_k, top_p, refimpl.generate sample); equal token for token,
+    twin: support.numba_sampling.sample_row (refimpl.processors top_k, top_p, refimpl.generate sample); equal token for token,
     except as the module docstring states (a top-p cumulative mass within float64 rounding of 1 - top_p).
     """
     xp = _module(scores)
@@ -440,11 +440,11 @@ def sample(scores, top_k, top_p, u, out=None, threads=None, path=None, weight=No
 
 
 def sample_rng(scores, top_k, top_p, rng, xp=None, threads=None):
-    """Host np.int64 [B]: sample() with u drawn from rng exactly as accel.sampling.sample draws it
-    (rng.random((B, 1))), so a seed gives accel.sampling's (and refimpl's) tokens. xp: numpy or cupy (default: the
+    """Host np.int64 [B]: sample() with u drawn from rng exactly as support.numba_sampling.sample draws it
+    (rng.random((B, 1))), so a seed gives support.numba_sampling's (and refimpl's) tokens. xp: numpy or cupy (default: the
     module of scores)."""
     xp = _module(scores) if xp is None else xp
-    u = rng.random((scores.shape[0], 1))  # the numbers accel.sampling.sample and refimpl.generate.sample draw
+    u = rng.random((scores.shape[0], 1))  # the numbers support.numba_sampling.sample and refimpl.generate.sample draw
     tokens = sample(scores, top_k, top_p, xp.asarray(u[:, 0]), threads=threads)
     get = getattr(tokens, "get", None)
     return np.asarray(get() if callable(get) else tokens, dtype=np.int64)
