@@ -17,7 +17,7 @@ Warm-up (one pp, 8 tg steps, Numba's compile) is excluded; each figure is the me
          position only; OPT: transformers and refimpl compute the logits of all 128 positions, accel the last only)
   tg64   64 single-token forwards with a KV cache that starts empty, greedy argmax between them
   ratio  the row's tok/s over the best row's, per model and column
-accel's prompt products run on MKL when the mkl wheel is installed (accel/blas.py); the accel-fp32-npblas row is
+accel's prompt products run on MKL when the mkl wheel is installed (accel/cpu/blas.py); the accel-fp32-npblas row is
 the same engine with REFIMPL_BLAS=numpy (NumPy's bundled OpenBLAS), the baseline for that choice.
 accel's Numba compile time is measured separately, in a process with an empty NUMBA_CACHE_DIR (cold) and again
 with that cache filled (cached). --quality prints int8 / fp16 / bf16 against fp32 on the golden inputs.

@@ -13,7 +13,7 @@ bench/bench_decode.py, timed after a warm-up with the device synchronised:
 Columns: tok/s, memory (refimpl-cuda: bytes of the uploaded weights and CuPy's pool high water; torch:
 torch.cuda.max_memory_allocated) and, for tg64, the fraction of the device's bandwidth limit reached: weight bytes
 read per token / time per token over 2 * memoryClockRate * memoryBusWidth / 8 (device properties).
-Prints "no GPU backend: <reason>" and exits 0 where accel.cuda.device.check_cuda() says the backend cannot run.
+Prints "no GPU backend: <reason>" and exits 0 where check_cuda() (accel/cuda/device.py) says the backend cannot run.
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """backend="cuda"'s models (accel/cuda/forward.py) on golden checkpoints, with NumPy as the array module and the
 numba.cuda kernels on Numba's CUDA simulator; and the clear error when backend="cuda" cannot run here.
 
-As tests/test_cuda_kernels.py: without NUMBA_ENABLE_CUDASIM set, one test re-runs this file in a subprocess with
+As tests/test_backend_ops.py: without NUMBA_ENABLE_CUDASIM set, one test re-runs this file in a subprocess with
 NUMBA_ENABLE_CUDASIM=1 (the simulator must be chosen before Numba is imported); the error tests run in both.
 The models are built by accel.cuda.forward.build(path, weights, numpy): the classes, uploads and forwards that
 refimpl.load(path, backend="cuda") gives on a GPU (with cupy as xp), without CuPy.
@@ -17,8 +17,8 @@ are taken in another order (tree reductions in the norms, blockwise online softm
 few float32 ulps of the tiny golden models' activations (observed <= 5e-6).
 
 Simulator budget: every GPU thread is a Python thread, so the cost is the array elements the kernels touch (a few
-us each). Kernels launch with 1 thread a block (kernels.THREADS; tests/test_cuda_kernels.py covers multi-thread
-blocks) and elementwise launches with 2 blocks (kernels.MAX_GRID); the simulator's polling loop is made to yield
+us each). Kernels launch with 1 thread a block (accel/cuda/ops.py THREADS; tests/test_backend_ops.py covers multi-thread
+blocks) and elementwise launches with 2 blocks (ops.MAX_GRID); the simulator's polling loop is made to yield
 the GIL (`_let_blocks_run`). The subprocess runs the module in two halves side by side (HALF): ~1 min on this
 2-core machine (when nothing else runs on it).
 """

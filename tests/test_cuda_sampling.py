@@ -1,7 +1,7 @@
 """support.cuda_sampling (top-k / top-p sampling on the device) against its host twin support.numba_sampling.sample_row, under
 Numba's CUDA simulator, token for token on the same u.
 
-Two modes, as tests/test_cuda_kernels.py (see its docstring): without NUMBA_ENABLE_CUDASIM one test re-runs this
+Two modes, as tests/test_backend_ops.py (see its docstring): without NUMBA_ENABLE_CUDASIM one test re-runs this
 file in a subprocess with NUMBA_ENABLE_CUDASIM=1; with it, the tests below run tests/support/cuda_sampling_checks.py's
 checks on NumPy arrays. The simulator runs every GPU thread as a Python thread and its block manager polls them
 while holding the GIL: the simulated mode lowers the interpreter's switch interval (sys.setswitchinterval, this

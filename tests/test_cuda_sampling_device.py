@@ -5,7 +5,7 @@ with CuPy arrays), at real vocabulary sizes and block sizes, plus a timing. Skip
     pytest tests/ -k cuda -v
 
 Token-for-token equality is expected here too: the draw's margin check covers a device exp() that differs from the
-host's libm by an ulp. What can legitimately differ (accel/cuda/sampling.py's docstring: a top-p cumulative mass
+host's libm by an ulp. What can legitimately differ (tests/support/cuda_sampling.py's docstring: a top-p cumulative mass
 within float64 rounding of 1 - top_p) has a chance of order 1e-11 per row at these sizes.
 """
 import os

@@ -57,7 +57,7 @@ drop_stale_cache()
 
 
 def kernel_cache_dir():
-    """The folder where Numba keeps accel's compiled kernels: accel/__pycache__, or where NUMBA_CACHE_DIR or a
+    """The folder where Numba keeps accel's compiled kernels: accel/cpu/__pycache__, or where NUMBA_CACHE_DIR or a
     read-only install sends them (Numba's own locator decides, as for every kernel). None under NUMBA_DISABLE_JIT."""
     if JIT_DISABLED:
         return None

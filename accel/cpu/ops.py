@@ -303,7 +303,7 @@ def masked_softmax_(scores, mask, divisor, parallel=True):
     changes nothing unless a score overflows to -inf. One pass per row over what NumPy does in eight, with the
     vectorised _exp (on the 110M shape, a 128-token prompt: ~0.9 ms a layer in NumPy). parallel=False keeps to
     the calling thread: between products of a BLAS with its own spinning threads (OpenBLAS), a Numba parallel
-    region fights them (accel.blas.shares_numba_threads says when it does not).
+    region fights them (accel.cpu.blas.shares_numba_threads says when it does not).
     """
     kernel = _masked_softmax if parallel else _masked_softmax_serial
     kernel(scores, np.ascontiguousarray(mask, dtype=np.float32), np.float32(divisor))

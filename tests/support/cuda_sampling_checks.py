@@ -1,7 +1,7 @@
 """support.cuda_sampling against its host twin support.numba_sampling.sample_row: the checks tests/test_cuda_sampling.py runs
 under Numba's CUDA simulator (NumPy arrays) and tests/test_cuda_sampling_device.py runs on a GPU (CuPy arrays).
 
-The twin is deterministic given u, so a check is equality, token for token, on the same u; as in checks.py, `dev`
+The twin is deterministic given u, so a check is equality, token for token, on the same u; as in tests/test_backend_ops.py, `dev`
 moves a NumPy array to where the kernels run and `host` brings one back. Rows come in kinds chosen to reach the
 hard cases: ties (scores from a few values), flat rows (every score equal, where float64 masses are exact integers
 and u * total can sit exactly on a boundary), -inf entries, all -inf rows, and +-0.0 (equal to NumPy).
