@@ -42,13 +42,15 @@ def load(path, dtype=np.float32, backend="numba", weights="fp32", threads=None, 
     """A checkpoint folder -> refimpl's class for it, computing on accel's kernels.
 
     weights: storage of the matrices (accel.formats.FORMATS[backend]): "fp32" (as loaded), "fp16", "bf16", or
-      "int8" (Q8_0 blocks of 32), converted once here; compute and outputs are float32 whatever the storage.
+      "int8" (Q8_0 blocks of 32), converted once here; or "gguf" (numba, a .gguf file): each matrix as the file stores
+      it (Q8_0, Q4_0, Q5_0, Q4_K, Q5_K, Q6_K blocks computed on in place). Compute and outputs are float32.
     threads: Numba's (and, with threadpoolctl installed, BLAS's) thread count; None = the cores this process may
         use (its CPU affinity, capped by a cgroup CPU quota).
     cache_dir: where converted weights are saved; a later load of the same checkpoint and format memory-maps them.
     """
     if backend not in BACKENDS:
         raise ConfigError(f"backend={backend!r}: accel provides {', '.join(BACKENDS)}")
+    check_format(weights, backend)
     if backend == "cuda":
         from .cuda.device import check_cuda
 

@@ -18,9 +18,10 @@ import numpy as np
 from refimpl import ConfigError
 
 # storage formats each backend implements (refimpl.load(weights=...))
-FORMATS = {"numba": ("fp32", "fp16", "bf16", "int8"), "cuda": ("fp32", "fp16", "int8")}
+FORMATS = {"numba": ("fp32", "fp16", "bf16", "int8", "gguf"), "cuda": ("fp32", "fp16", "int8")}
 WEIGHT_FORMATS = FORMATS["numba"]  # every format some backend implements
-STORAGE = ("fp32", "fp16", "bf16", "int8")  # what one matrix can be stored as (accel.cpu.linear.Weight)
+GGUF_BLOCKS = ("Q8_0", "Q4_0", "Q5_0", "Q4_K", "Q5_K", "Q6_K")  # computed on as the file stores them
+STORAGE = ("fp32", "fp16", "bf16", "int8") + GGUF_BLOCKS  # what one matrix can be (accel.cpu.linear.Weight)
 BYTES_PER_WEIGHT = {"fp32": 4.0, "fp16": 2.0, "bf16": 2.0, "int8": 1.125}  # "gguf": the file's own size
 QBLOCK = 32  # weights per Q8_0 block
 

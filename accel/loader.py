@@ -68,6 +68,8 @@ def load_model(path, fmt, threads, cache_dir):
     from it; in memory for small models. A cache folder that fails its check is converted again and replaced."""
     config = read_model_config(path)
     cls = ACCEL_CLASSES[refimpl_class(config)]
+    if fmt == "gguf":
+        return finish(cls, config, *gguf_params(path), fmt, threads)
     layout = convert.expected_layout(config, cls.head, fmt)
     key = convert.fingerprint(path, fmt) if cache_dir is not None else None
     folder = convert.folder_for(cache_dir, path, fmt, key) if cache_dir is not None else None
@@ -88,12 +90,27 @@ def load_model(path, fmt, threads, cache_dir):
         elif params is None:
             params = dict(iter_packed(reference.params, family, fmt, nested=True))
         del reference
+    return finish(cls, config, params, generation_config, fmt, threads)
+
+
+def finish(cls, config, params, generation_config, fmt, threads):
     model = cls(config, params, np.float32)
     model.generation_config = generation_config
     model.weights = fmt
     model.threads = threads
     set_threads(threads)
     return model
+
+
+def gguf_params(path):
+    """weights="gguf": the packed tree straight from the memory-mapped GGUF file, each matrix as the file stores it
+    (nothing converted, so nothing cached; Q/K rows are gathered into the model's order, a copy of those two)."""
+    if not (os.path.isfile(path) and str(path).endswith(".gguf")):
+        raise refimpl.ConfigError(f"weights='gguf' computes on a GGUF file's own blocks, and {path} is not a .gguf "
+                                  "file: use fp32, fp16, bf16 or int8")
+    reference = refimpl.load(path, dtype=np.float32)  # memory-mapped: nothing dequantized here
+    family = "opt" if reference.config.family == "opt" else "llama"
+    return dict(iter_packed(reference.params, family, "gguf", nested=True)), reference.generation_config
 
 
 def from_cache(folder, layout, key, fmt):

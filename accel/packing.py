@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .cpu.linear import Weight, writable
+from .cpu.linear import StackedWeight, Weight, writable
 
 F32 = np.float32
 
@@ -33,6 +33,14 @@ def _stack(layer, names):
     """Matrices stacked along their rows in float32 (a StoredMatrix widens here, one layer's matrices at a time)."""
     arrays = [np.asarray(layer.pop(n), dtype=F32) for n in names]
     return np.concatenate(arrays, axis=0)
+
+
+def _stacked(layer, names, fmt, name):
+    """One Weight of the matrices stacked (converted from float32), or for weights="gguf" a StackedWeight of each
+    matrix as the GGUF file stores it (no copy, no conversion)."""
+    if fmt == "gguf":
+        return StackedWeight([Weight.from_gguf(layer.pop(n), f"{name}.{n}") for n in names])
+    return Weight.from_array(_stack(layer, names), fmt, name)
 
 
 def _stack_bias(layer, names):
@@ -87,8 +95,8 @@ def _pack_llama_layer(ref_layer, i, fmt):
            "post_attention_layernorm": writable(layer.pop("post_attention_layernorm")),
            "qkv_bias": _stack_bias(layer, ("q_proj_bias", "k_proj_bias", "v_proj_bias")),
            "gate_up_bias": _stack_bias(layer, ("gate_proj_bias", "up_proj_bias"))}
-    out["qkv"] = Weight.from_array(_stack(layer, ("q_proj", "k_proj", "v_proj")), fmt, f"layers.{i}.qkv")
-    out["gate_up"] = Weight.from_array(_stack(layer, ("gate_proj", "up_proj")), fmt, f"layers.{i}.gate_up")
+    out["qkv"] = _stacked(layer, ("q_proj", "k_proj", "v_proj"), fmt, f"layers.{i}.qkv")
+    out["gate_up"] = _stacked(layer, ("gate_proj", "up_proj"), fmt, f"layers.{i}.gate_up")
     out["o_proj"] = Weight.from_array(layer.pop("o_proj"), fmt, f"layers.{i}.o_proj")
     out["down_proj"] = Weight.from_array(layer.pop("down_proj"), fmt, f"layers.{i}.down_proj")
     out.update({name: writable(a) for name, a in layer.items()})  # o_proj_bias, down_proj_bias
@@ -111,7 +119,7 @@ def _pack_opt_top(params, pack):
 def _pack_opt_layer(ref_layer, i, fmt):
     layer = dict(ref_layer)
     out = {"qkv_bias": _stack_bias(layer, ("q_proj_bias", "k_proj_bias", "v_proj_bias")),
-           "qkv": Weight.from_array(_stack(layer, ("q_proj", "k_proj", "v_proj")), fmt, f"layers.{i}.qkv")}
+           "qkv": _stacked(layer, ("q_proj", "k_proj", "v_proj"), fmt, f"layers.{i}.qkv")}
     for name in ("out_proj", "fc1", "fc2"):
         out[name] = Weight.from_array(layer.pop(name), fmt, f"layers.{i}.{name}")
     out.update({name: writable(a) for name, a in layer.items()})  # biases and LayerNorms

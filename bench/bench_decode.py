@@ -17,6 +17,12 @@ Warm-up (one pp, 8 tg steps, Numba's compile) is excluded; each figure is the me
          position only; OPT: transformers and refimpl compute the logits of all 128 positions, accel the last only)
   tg64   64 single-token forwards with a KV cache that starts empty, greedy argmax between them
   ratio  the row's tok/s over the best row's, per model and column
+  tg bandwidth  the decode's share of the bandwidth limit: tg tok/s x the weight bytes a token reads (every matrix
+         and the lm_head in the engine's storage, bytes_per_token) / the read bandwidth measured after the rounds
+         (measure_bandwidth: the best parallel sum over 512 MiB, --threads threads)
+Engines: numpy, torch, accel-<fp32|fp16|bf16|int8>[-t1|-npblas|-passive|-active|-spin10k], accel-gguf-<q8_0|q4_0|
+q4_k_m> (weights="gguf" on the GGUF file llama.cpp reads; K-quants need rows of 256: the 110M shape), llamacpp-<f32|
+f16|q8_0|q4_0|q4_k_m>; ENGINE@base runs from --baseline's tree (before / after in one run).
 accel's prompt products run on MKL when the mkl wheel is installed (accel/cpu/blas.py); the accel-fp32-npblas row is
 the same engine with REFIMPL_BLAS=numpy (NumPy's bundled OpenBLAS), the baseline for that choice.
 accel's Numba compile time is measured separately, in a process with an empty NUMBA_CACHE_DIR (cold) and again
@@ -35,6 +41,8 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(1, os.path.join(ROOT, "tests"))  # support.kquants: Q4_K / Q6_K blocks (gguf-py cannot make them)
+from support.kquants import QUANTIZERS, q4_k_m_type  # noqa: E402
 
 import numpy as np  # noqa: E402
 
@@ -54,7 +62,12 @@ MODELS = {
 LLAMA_DEFAULTS = {"rms_norm_eps": 1e-5, "rope_theta": 10000.0, "hidden_act": "silu", "tie_word_embeddings": False,
                   "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": "float32"}
 ENGINES = ["numpy", "accel-fp32", "accel-fp32-npblas", "accel-int8", "torch", "llamacpp-f32", "llamacpp-q8_0"]
-OPTIONAL_ENGINES = ["accel-fp16", "accel-bf16", "llamacpp-f16"]
+OPTIONAL_ENGINES = ["accel-fp16", "accel-bf16", "llamacpp-f16", "accel-gguf-q8_0", "accel-gguf-q4_0",
+                    "accel-gguf-q4_k_m", "llamacpp-q4_0", "llamacpp-q4_k_m"]
+# An engine name ending in "@base" runs from the source tree given by --baseline (e.g. a git worktree of the commit
+# before a change): its worker is that tree's bench_decode.py, importing that tree's refimpl and accel. So a change
+# is measured against its baseline in one run, interleaved (docs/accel.md: before / after).
+BASELINE = None
 PP, TG = 128, 64
 
 
@@ -127,7 +140,7 @@ def write_gguf(path, cfg, tensors, qtype):
     writer.add_rope_freq_base(cfg["rope_theta"])
     writer.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
     writer.add_tokenizer_model("none")
-    kind = gguf.GGMLQuantizationType[qtype]
+    kind = gguf.GGMLQuantizationType[qtype] if qtype != "Q4_K_M" else None
     for name, a in tensors.items():
         if name == "model.embed_tokens.weight":
             gname = "token_embd.weight"
@@ -145,6 +158,9 @@ def write_gguf(path, cfg, tensors, qtype):
             writer.add_tensor(gname, a.astype(np.float32))
         elif qtype == "F16":
             writer.add_tensor(gname, a.astype(np.float16))
+        elif qtype == "Q4_K_M":  # llama.cpp's mix: Q6_K for attn_v, ffn_down, output; Q4_K for the rest
+            t = q4_k_m_type(gname)
+            writer.add_tensor(gname, QUANTIZERS[t](a), raw_dtype=gguf.GGMLQuantizationType[t])
         else:
             writer.add_tensor(gname, gguf.quants.quantize(a, kind), raw_dtype=kind)
     writer.write_header_to_file()
@@ -194,6 +210,8 @@ def worker(engine, folder, gguf_path, threads, runs, cache_dir):
 
         if engine == "numpy":
             model = refimpl.load(folder)
+        elif engine.startswith("accel-gguf"):  # the GGUF file's own blocks, computed on in place
+            model = refimpl.load(gguf_path, backend="numba", weights="gguf", threads=threads)
         else:
             model = refimpl.load(folder, backend="numba", weights=engine_settings(engine, threads)[0],
                                  threads=threads, cache_dir=cache_dir)
@@ -308,8 +326,20 @@ REPLY = "@@ "  # prefix of the worker's protocol lines (a library may print to s
 
 
 def _worker_cmd(engine, folder, gguf_path, threads, runs, cache_dir):
-    return [sys.executable, os.path.abspath(__file__), "--worker", engine, folder, gguf_path or "-", str(threads),
-            str(runs), cache_dir]
+    script = os.path.abspath(__file__)
+    if engine.endswith("@base"):
+        engine, script = engine[:-len("@base")], os.path.join(BASELINE, "bench", "bench_decode.py")
+    return [sys.executable, script, "--worker", engine, folder, gguf_path or "-", str(threads), str(runs), cache_dir]
+
+
+def gguf_qtype(engine):
+    """The GGUF file an engine reads: llamacpp-q8_0 and accel-gguf-q8_0 -> "Q8_0"; None for the others."""
+    parts = engine.split("@")[0].split("-")
+    if parts[0] == "llamacpp":
+        return parts[1].upper()
+    if parts[:2] == ["accel", "gguf"]:
+        return parts[2].upper()
+    return None
 
 
 def run_worker(engine, folder, gguf_path, threads, runs, cache_dir, env=None):
@@ -391,7 +421,7 @@ class Busy:
 def engine_settings(engine, threads):
     """(weights format, threads, extra environment) of an engine name such as accel-fp32-t1-passive: -t1 runs one
     thread, -npblas NumPy's BLAS, -passive / -active set OMP_WAIT_POLICY, -spin10k GOMP_SPINCOUNT=10000."""
-    parts = engine.split("-")
+    parts = engine.split("@")[0].split("-")
     env = {}
     for part in parts[2:]:
         if part == "t1":
@@ -509,8 +539,12 @@ def main():
     parser.add_argument("--no-compile", action="store_true", help="skip the Numba compile-time measurement")
     parser.add_argument("--busy", type=int, default=0,
                         help="keep this many cores busy with a competing process during the timed rounds")
+    parser.add_argument("--baseline", help="a source tree (e.g. a git worktree of an earlier commit) that engines "
+                                           "named ENGINE@base run from, interleaved with this tree's")
     parser.add_argument("--worker", nargs=6, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    global BASELINE
+    BASELINE = os.path.abspath(args.baseline) if args.baseline else None
     if args.worker:
         engine, folder, gguf_path, threads, runs, cache_dir = args.worker
         return worker(engine, folder, None if gguf_path == "-" else gguf_path, int(threads), int(runs), cache_dir)
@@ -526,19 +560,21 @@ def main():
     with tempfile.TemporaryDirectory() as root:
         cache_dir = os.path.join(root, "converted")
         for name in args.models.split(","):
-            qtypes = [e.split("-")[1].upper() for e in engines if e.startswith("llamacpp")]
-            folder, ggufs = make_model(name, root, qtypes if have["llamacpp"] else [])
+            k_quants_fit = MODELS[name]["hidden_size"] % 256 == 0  # K-quant rows are whole blocks of 256
+            qtypes = sorted({gguf_qtype(e) for e in engines if gguf_qtype(e) and (have["llamacpp"] or "gguf" in e)
+                             and (k_quants_fit or "_K" not in gguf_qtype(e))})
+            folder, ggufs = make_model(name, root, qtypes)
             served = {}
             for engine in engines:
                 family = engine.split("-")[0]
                 if family in have and not have[family]:
                     rows.append((name, engine, {"error": "not installed"}))
                     continue
-                if family == "llamacpp" and name.startswith("opt"):
-                    continue  # llama.cpp has no OPT
-                if family == "accel":  # convert once (not timed), so the timed process loads the saved weights
+                qtype = gguf_qtype(engine)
+                if qtype and (name.startswith("opt") or qtype not in ggufs):
+                    continue  # GGUF files of the Llama shapes only (llama.cpp has no OPT); K-quants need rows of 256
+                if family == "accel" and not qtype:  # convert once (not timed): the timed process loads the saved weights
                     run_worker(engine, folder, None, args.threads, 1, cache_dir)
-                qtype = engine.split("-")[1].upper() if family == "llamacpp" else None
                 _, threads, extra = engine_settings(engine, args.threads)
                 env = dict(os.environ, **extra) if extra else None
                 served[engine] = Served(engine, folder, ggufs.get(qtype), threads, cache_dir, env)
@@ -550,7 +586,8 @@ def main():
                 print(f"  {name:10s} {engine:14s} {json.dumps(result)}", file=sys.stderr, flush=True)
             if not args.no_compile and name == args.models.split(",")[0]:
                 compile_rows = [(fmt, compile_cost(folder, fmt)) for fmt in ("fp32", "int8")]
-    print_table(rows)
+    bandwidth = measure_bandwidth(args.threads)
+    print_table(rows, bandwidth)
     if not args.no_compile:
         print("\naccel first calls (one 16-token prompt + one decode step), seconds:")
         for fmt, runs in compile_rows:
@@ -573,20 +610,74 @@ def _imports(module):
     return True
 
 
-def print_table(rows):
+# Bytes a weight of each engine's storage (GGUF blocks: bytes a block / weights a block; Q4_K_M: its mix, per matrix)
+BYTES_PER_WEIGHT = {"fp32": 4.0, "f32": 4.0, "fp16": 2.0, "f16": 2.0, "bf16": 2.0, "int8": 1.125, "q8_0": 34 / 32,
+                    "q4_0": 18 / 32, "q4_k": 144 / 256, "q6_k": 210 / 256}
+
+
+def storage_of(engine):
+    """numpy, torch: fp32; accel-int8: int8; accel-gguf-q4_0, llamacpp-q4_0: q4_0; ...-q4_k_m: "q4_k_m"."""
+    parts = engine.split("@")[0].split("-")
+    if parts[0] in ("numpy", "torch"):
+        return "fp32"
+    return parts[2] if parts[:2] == ["accel", "gguf"] else parts[1]
+
+
+def bytes_per_token(name, engine):
+    """Weight bytes one decode step reads: every matrix of every layer and the lm_head (the embedding table: one row,
+    left out), in the engine's storage. Caches and activations are left out (small at tg64's lengths)."""
+    cfg = MODELS[name]
+    D, V, L = cfg["hidden_size"], cfg["vocab_size"], cfg["num_hidden_layers"]
+    F = cfg.get("intermediate_size") or cfg["ffn_dim"]
+    llama = cfg["model_type"] == "llama"
+    Dkv = D // cfg["num_attention_heads"] * cfg.get("num_key_value_heads", cfg["num_attention_heads"])
+    # (weights, Q4_K_M's block type): q, k, o, gate, up in Q4_K; v, down, output in Q6_K
+    matrices = [(D * D, "q4_k"), (Dkv * D, "q4_k"), (Dkv * D, "q6_k"), (D * D, "q4_k")]
+    matrices += [(F * D, "q4_k"), (F * D, "q4_k"), (D * F, "q6_k")] if llama else [(F * D, "q4_k"), (D * F, "q6_k")]
+    storage = storage_of(engine)
+    per = (lambda kind: BYTES_PER_WEIGHT[kind]) if storage == "q4_k_m" else (lambda kind: BYTES_PER_WEIGHT[storage])
+    return L * sum(n * per(kind) for n, kind in matrices) + V * D * per("q6_k")
+
+
+def measure_bandwidth(threads, seconds=2.0):
+    """Read bandwidth in GB/s: the best of repeated parallel sums over a 512 MiB float32 array (Numba, `threads`
+    threads), the same kind of streaming read a decode step's matrix-vector products do."""
+    import numba
+
+    @numba.njit(parallel=True, fastmath=True)
+    def total(a):
+        s = np.float32(0.0)
+        for i in numba.prange(a.shape[0]):
+            s += a[i]
+        return s
+
+    numba.set_num_threads(threads)
+    a = np.ones(128 << 20, np.float32)
+    total(a)
+    best, start = 0.0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        t = time.perf_counter()
+        total(a)
+        best = max(best, a.nbytes / (time.perf_counter() - t) / 1e9)
+    return best
+
+
+def print_table(rows, bandwidth=None):
     best = {}
     for name, engine, r in rows:
         for key in ("pp", "tg"):
             if key in r:
                 best[name, key] = max(best.get((name, key), 0.0), r[key])
-    print(f"\n| model | engine | pp{PP} tok/s | ratio | tg{TG} tok/s | ratio | peak RSS MB |")
-    print("|---|---|---|---|---|---|---|")
+    bw = f" (of {bandwidth:.1f} GB/s)" if bandwidth else ""
+    print(f"\n| model | engine | pp{PP} tok/s | ratio | tg{TG} tok/s | ratio | tg bandwidth{bw} | peak RSS MB |")
+    print("|---|---|---|---|---|---|---|---|")
     for name, engine, r in rows:
         if "error" in r:
-            print(f"| {name} | {engine} | - | - | - | - | {r['error']} |")
+            print(f"| {name} | {engine} | - | - | - | - | - | {r['error']} |")
             continue
+        share = f"{r['tg'] * bytes_per_token(name, engine) / 1e9 / bandwidth:.0%}" if bandwidth else "-"
         print(f"| {name} | {engine} | {r['pp']:.0f} | {r['pp'] / best[name, 'pp']:.2f} | {r['tg']:.1f} | "
-              f"{r['tg'] / best[name, 'tg']:.2f} | {r['rss_mb']:.0f} |")
+              f"{r['tg'] / best[name, 'tg']:.2f} | {share} | {r['rss_mb']:.0f} |")
 
 
 if __name__ == "__main__":

@@ -102,7 +102,9 @@ def main(argv=None):
     variants = [(label, args.model, kwargs) for label, kwargs in VARIANTS]
     for qtype, path in ggufs.items():
         variants += [(f"refimpl numpy, GGUF {qtype}", path, {}),
-                     (f"accel numba, GGUF {qtype} (repacked fp32)", path, {"backend": "numba", "weights": "fp32"})]
+                     (f"accel numba, GGUF {qtype} (repacked fp32)", path, {"backend": "numba", "weights": "fp32"}),
+                     (f"accel numba, GGUF {qtype} (its blocks: weights=gguf)", path,
+                      {"backend": "numba", "weights": "gguf"})]
     for label, path, kwargs in variants:
         t0 = time.perf_counter()
         try:

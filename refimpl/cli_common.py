@@ -22,7 +22,7 @@ from .errors import InputError
 log = logging.getLogger("refimpl")
 
 BACKENDS = ("numpy", "numba", "cuda")  # as refimpl.load accepts
-WEIGHT_FORMATS = ("fp32", "fp16", "bf16", "int8")
+WEIGHT_FORMATS = ("fp32", "fp16", "bf16", "int8", "gguf")  # as accel.formats.WEIGHT_FORMATS (tests/test_cli_tools.py)
 HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*")  # "meta-llama/Llama-2-7b-hf"
 COMPILE_NOTICE = "refimpl: compiling kernels (first run on this machine, ~20 s)"
 
@@ -110,7 +110,7 @@ def add_backend_arguments(parser):
                        help="numpy: refimpl itself (default); numba: accel's CPU kernels; cuda: accel's GPU kernels "
                             "(CuPy, NVIDIA)")
     group.add_argument("--weights", choices=WEIGHT_FORMATS, default=None,
-                       help="weight storage for --backend numba or cuda: fp32 (default), fp16, bf16, int8 (Q8_0)")
+                       help="weight storage for --backend numba or cuda: fp32 (default), fp16, bf16, int8 (Q8_0); gguf (numba, a .gguf file): its own blocks (Q8_0, Q4_0, Q5_0, Q4_K, Q5_K, Q6_K) computed on in place")
     group.add_argument("-t", "--threads", type=positive_int, default=None,
                        help="threads for --backend numba (default: the cores this process may use: affinity, cgroup quota)")
     return parser

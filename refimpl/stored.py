@@ -36,12 +36,13 @@ class StoredMatrix:
     __array_ufunc__ = None  # `x @ W.T` defers to W.T.__rmatmul__ instead of converting W to an array
     ndim = 2
 
-    def __init__(self, rows, shape, stored_dtype, dtype, name=""):
+    def __init__(self, rows, shape, stored_dtype, dtype, name="", blocks=None):
         self.rows = rows
         self.shape = tuple(shape)
         self.stored_dtype = stored_dtype  # the file's element type: "F16", "BF16", "F32", "F64", "Q4_K", ...
         self.dtype = np.dtype(dtype)  # what products and lookups give
         self.name = name
+        self.blocks = blocks  # GGUF quantized: () -> (the file's block rows, row order or None); see formats.common
 
     @property
     def T(self):

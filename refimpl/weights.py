@@ -298,7 +298,7 @@ def take(store: dict, name: str, shape: tuple, dtype, where: str = ""):
         return np.asarray(stored.load(), dtype=dtype)
     if (stored.dtype, np.dtype(dtype).type) in NO_COPY and stored.view:
         return stored.load()
-    return StoredMatrix(stored.rows, shape, stored.dtype, dtype, f"{where}{name}")
+    return StoredMatrix(stored.rows, shape, stored.dtype, dtype, f"{where}{name}", stored.blocks)
 
 
 def convert_weights(params: dict, weights_dtype) -> dict:

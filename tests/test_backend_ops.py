@@ -305,6 +305,40 @@ LINEAR = Op(
     applies=lambda kind, params: params["fmt"] in {"numba": FORMATS_CPU, "cuda": ("fp32", "fp16", "int8")}[kind])
 
 
+# linear on a GGUF file's own blocks (numba only) ----------------------------------------------------------------------
+
+def gguf_linear_case(rng, rows, blocks, o, bias, kind):
+    """W as llama.cpp stores it: quantized by gguf's quantizer (Q8_0, Q4_0, Q5_0) or random valid blocks with edge
+    blocks (the K-quants; tests/test_gguf_blocks.py's make_raw); the twin runs on gguf.quants.dequantize's matrix."""
+    import gguf
+    from test_gguf_blocks import make_raw, matvec_bound
+
+    from refimpl_accel.cpu import gguf_blocks
+    from refimpl_accel.cpu.linear import Weight
+
+    D = blocks * gguf_blocks.BLOCKS[kind][1]
+    raw = make_raw(kind, o, D, int(rng.integers(1 << 30)))
+    dense = gguf.quants.dequantize(raw, gguf.GGMLQuantizationType[kind]).reshape(o, D)
+    x = randn(rng, rows, D)
+    b = randn(rng, o) if bias else None
+    ref = ops.linear(x, dense, b)
+    # rows <= 4: the blocks dequantized in registers (matvec_bound, derived in test_gguf_blocks.py); more rows: BLAS
+    # on tiles dequantized bit for bit as gguf does (the dot bound); + the bias add
+    bound = np.maximum(matvec_bound(kind, x, raw), dot_bound(x, dense)) + (EPS * np.abs(ref) if bias else 0) + 1e-30
+    return (x, Weight(kind, raw, columns=D), b), ref, bound
+
+
+GGUF_LINEAR = Op(
+    "linear_gguf", "refimpl.ops.linear",
+    st.fixed_dictionaries({"rows": st.integers(1, 9), "blocks": st.integers(1, 3), "o": st.integers(1, 40),
+                           "bias": st.booleans(),
+                           "kind": st.sampled_from(["Q8_0", "Q4_0", "Q5_0", "Q4_K", "Q5_K", "Q6_K"])}),
+    gguf_linear_case,
+    {"numba": lambda b, a, t: _cpu()[1].linear(*a)},
+    "decode: each block's scale factored out of its sum (gamma_{bs+nb+3} of sum |x| (|dl q| + |dm|)); prompt: "
+    "BLAS on gguf's own dequantization (the dot bound)")
+
+
 # attention_decode ----------------------------------------------------------------------------------------------------
 
 def reference_attention(q, keys, values, mask, divisor):
@@ -373,7 +407,7 @@ SOFTMAX = Op(
     "the row sum in another order: K + 4 eps relative (exp within 3 ulp of NumPy's, inside it)")
 
 
-OPS = [RMS_NORM, LAYER_NORM, ROTARY, ACTIVATION, GATED, LINEAR, ATTENTION, SOFTMAX]
+OPS = [RMS_NORM, LAYER_NORM, ROTARY, ACTIVATION, GATED, LINEAR, GGUF_LINEAR, ATTENTION, SOFTMAX]
 BACKENDS = backends()
 
 

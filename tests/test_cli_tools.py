@@ -487,3 +487,12 @@ def test_public_api_type_hints():
     for cls in (refimpl.LlamaForCausalLM, refimpl.OPTForCausalLM, refimpl.LlamaModel, refimpl.OPTModel):
         assert typing.get_type_hints(cls.__call__)["return"] is refimpl.ModelOutput
     assert "return" in PreTrainedModel.generate.__annotations__
+
+
+def test_the_cli_offers_the_weight_formats_accel_implements():
+    """--weights' choices (refimpl/cli_common.py, which may not import accel) are accel's formats."""
+    pytest.importorskip("numba")
+    from refimpl.cli_common import WEIGHT_FORMATS
+    from refimpl_accel.formats import WEIGHT_FORMATS as ACCEL_FORMATS
+
+    assert WEIGHT_FORMATS == ACCEL_FORMATS

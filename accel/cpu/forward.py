@@ -30,17 +30,17 @@ from numba.typed import List
 
 from refimpl import llama as ref_llama
 from refimpl import opt as ref_opt
-from refimpl.inputs import attention_mask_2d, head_mask_2d, past_length, position_ids_2d, token_inputs
+from refimpl.inputs import attention_mask_2d, head_mask_2d, position_ids_2d, token_inputs
 from refimpl.ops import linear as ref_linear
 
-from ..formats import ACT, ADD, GATED, STORE, activation_code
+from ..formats import ACT, ADD, GATED, GGUF_BLOCKS, STORE, activation_code
 from ..kv_cache import KVCache, storage_for
 from ..models import twin_classes
 from ..plan import attention_plan
 from . import blas, jit
 from .attention import _decode_step, attention
 from .jit import njit
-from .linear import NO_BIAS, SMALL_M, _linear_f32, _linear_half, _linear_q8, linear, linear_into
+from .linear import NO_BIAS, SMALL_M, Weight, _linear_f32, _linear_half, _linear_q8, linear, linear_into
 from .ops import _layer_norm_rows, _rms_norm_rows, layer_norm, rms_norm
 
 NAME = "numba"
@@ -56,7 +56,7 @@ def llama_model(params, cfg, rope_state, input_ids=None, inputs_embeds=None, att
     attentions, KVCache, new RoPE state)."""
     ids, embeds, B, S = token_inputs(cfg, input_ids, inputs_embeds, cfg.hidden_size, F32)
     L, H, Hkv, Dh, D = cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.hidden_size
-    T = past_length(past_key_values, L, B, Hkv, Dh)
+    storage, T = storage_for(past_key_values, L, B, Hkv, Dh, S)  # refimpl's checks of the past, then room for S
     if ids is not None:
         x = params["embed_tokens"][ids]  # [B, S] -> [B, S, D]
         if cfg.use_stable_embedding:  # Open-Llama: LayerNorm (eps 1e-5) on token embeddings only
@@ -71,7 +71,6 @@ def llama_model(params, cfg, rope_state, input_ids=None, inputs_embeds=None, att
         position_ids = position_ids_2d(position_ids, B, S)
     cos, sin, rope_state = ref_llama.rotary_tables(cfg, rope_state, position_ids, T + S, F32)  # [B or 1, S, Dh]
     cos, sin = np.ascontiguousarray(cos, dtype=F32), np.ascontiguousarray(sin, dtype=F32)
-    storage, T = storage_for(past_key_values, L, B, Hkv, Dh, S)
     plan = attention_plan(mask2d, T, S, want_attentions)
     divisor = np.sqrt(F32(Dh))  # scores are divided by sqrt(Dh) after the product, in float32
     act = activation_code(cfg.hidden_act)
@@ -113,7 +112,7 @@ def opt_model(params, cfg, input_ids=None, inputs_embeds=None, attention_mask=No
     attentions, KVCache)."""
     ids, embeds, B, S = token_inputs(cfg, input_ids, inputs_embeds, cfg.word_embed_proj_dim, F32)
     L, H, Dh, D = cfg.num_hidden_layers, cfg.num_attention_heads, cfg.head_dim, cfg.hidden_size
-    T = past_length(past_key_values, L, B, H, Dh)
+    storage, T = storage_for(past_key_values, L, B, H, Dh, S)  # refimpl's checks of the past, then room for S
     mask2d = attention_mask_2d(attention_mask, B, T + S)
     x = params["embed_tokens"][ids] if ids is not None else embeds  # [B, S, E]
     position_ids = ref_opt.checked_position_ids(cfg, params["embed_positions"].shape[0], mask2d, position_ids, T, B, S)
@@ -122,7 +121,6 @@ def opt_model(params, cfg, input_ids=None, inputs_embeds=None, attention_mask=No
         x = linear(x, params["project_in"])  # [B, S, E] -> [B, S, D]
     x = np.ascontiguousarray(x + pos_embeds, dtype=F32).reshape(B * S, D)  # [M, D], a new array
     head_mask = head_mask_2d(head_mask, L, H, F32)  # [L, H] or None
-    storage, T = storage_for(past_key_values, L, B, H, Dh, S)
     plan = attention_plan(mask2d, T, S, want_attentions or head_mask is not None)
     pre = cfg.do_layer_norm_before
     act = activation_code(cfg.activation_function)
@@ -339,6 +337,8 @@ def _usable(a):
 def _linear_of(layer, name, bias_name, with_bias=True):
     """The Linear of params layer[name] (a linear.Weight) and its bias (None: an array the kernels do not take)."""
     weight = layer[name]
+    if not isinstance(weight, Weight) or weight.format in GGUF_BLOCKS:  # GGUF blocks: the per-layer loop runs them
+        return None
     bias = layer.get(bias_name) if with_bias else None
     matrix = Linear(weight.data, NO_SCALES if weight.scales is None else weight.scales,
                     NO_BIAS if bias is None else bias, weight.format == "bf16")

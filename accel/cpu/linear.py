@@ -20,8 +20,9 @@ import numpy as np
 from refimpl import ConfigError
 from refimpl.ops import ACTIVATIONS
 
-from ..formats import (ACT, ACT_CODES, ADD, GATED, QBLOCK, STORE, STORAGE, dequantize_q8_0, half_bits_to_f32,
-                       quantize_q8_0, to_bf16_bits, to_fp16_bits)
+from ..formats import (ACT, ACT_CODES, ADD, GATED, GGUF_BLOCKS, QBLOCK, STORE, STORAGE, dequantize_q8_0,
+                       half_bits_to_f32, quantize_q8_0, to_bf16_bits, to_fp16_bits)
+from . import gguf_blocks
 from .blas import matmul_nt
 from .jit import FASTMATH, f32_from_bits, f32_from_half_bits, njit, prange
 from .ops import ONE, ZERO, _act, _exp
@@ -269,21 +270,37 @@ def writable(a):
 class Weight:
     """A matrix [O, D] in one storage format, computed with in float32 (see the module docstring).
 
-    data: float32 [O, D] (fp32), uint16 [O, D] (fp16, bf16 bit patterns) or int8 [O, D] (int8);
-    scales: float32 [O, ceil(D/32)] for int8, else None.
+    data: float32 [O, D] (fp32), uint16 [O, D] (fp16, bf16 bit patterns), int8 [O, D] (int8), or for a GGUF block
+    type (Q8_0, Q4_0, Q5_0, Q4_K, Q5_K, Q6_K) the file's rows of blocks, uint8 [O, bytes a row] (a view of the
+    memory-mapped file); scales: float32 [O, ceil(D/32)] for int8, else None.
     """
 
     __array_ufunc__ = None  # `x @ w.T` defers to w.T.__rmatmul__ instead of converting w to an array
     dtype = np.dtype(np.float32)
     ndim = 2
 
-    def __init__(self, fmt, data, scales=None):
+    def __init__(self, fmt, data, scales=None, columns=None):
         if fmt not in STORAGE:
             raise ConfigError(f"weights={fmt!r}: choose one of {', '.join(STORAGE)}")
         self.format = fmt
         self.data = data
         self.scales = scales
-        self.shape = tuple(data.shape)
+        self.shape = (data.shape[0], columns) if fmt in GGUF_BLOCKS else tuple(data.shape)
+
+    @classmethod
+    def from_gguf(cls, w, name="weight"):
+        """A matrix of a GGUF file as the file stores it: block types as their rows of blocks (Q/K rows gathered into
+        the model's order: a copy of those two matrices only), F16 / BF16 / F32 as fp16 / bf16 / fp32 (exact), other
+        block types (Q4_1, Q2_K, ...) dequantized and re-quantized to int8."""
+        blocks = getattr(w, "blocks", None)
+        kind = getattr(w, "stored_dtype", "F32")
+        if blocks is not None and kind in GGUF_BLOCKS:
+            raw, order = blocks()
+            raw = np.ascontiguousarray(raw if order is None else raw[order])
+            gguf_blocks.row_bytes(kind, w.shape[1])  # the row length is whole blocks (the reader checked it too)
+            return cls(kind, raw, columns=w.shape[1])
+        fmt = {"F16": "fp16", "BF16": "bf16", "F32": "fp32", "F64": "fp32"}.get(kind, "int8")
+        return cls.from_array(w, fmt, name)
 
     @classmethod
     def from_array(cls, w, fmt, name="weight"):
@@ -292,6 +309,8 @@ class Weight:
         7B embedding needs its packed size plus a few MB, not the converters' float32 / uint64 temporaries."""
         if fmt == "fp32":
             return cls(fmt, writable(w))
+        if fmt == "gguf":
+            return cls.from_gguf(w, name)
         if fmt not in STORAGE:
             raise ConfigError(f"weights={fmt!r}: choose one of {', '.join(STORAGE)}")
         O, D = w.shape
@@ -326,13 +345,16 @@ class Weight:
         out = np.empty(self.shape, np.float32) if out is None else out
         if self.format == "int8":
             _dequantize_q8(self.data, self.scales, out)
+        elif self.format in GGUF_BLOCKS:
+            gguf_blocks.dequantize_rows(self.format, self.data, out)
         else:
             _dequantize_half(self.data, self.format == "bf16", out)
         return out
 
     def band(self, start, stop):
         """Rows [start, stop) as a Weight of the same format (views, no copy)."""
-        return Weight(self.format, self.data[start:stop], None if self.scales is None else self.scales[start:stop])
+        return Weight(self.format, self.data[start:stop], None if self.scales is None else self.scales[start:stop],
+                      self.shape[1])
 
     def rows(self, ids):
         """float32 rows [n, D] for integer ids [n]: the embedding lookup of refimpl's `params["embed_tokens"][ids]`."""
@@ -341,6 +363,8 @@ class Weight:
             return self.data[ids]
         if self.format == "int8":
             return dequantize_q8_0(self.data[ids], self.scales[ids])
+        if self.format in GGUF_BLOCKS:
+            return gguf_blocks.dequantize_rows(self.format, np.ascontiguousarray(self.data[ids]))
         return half_bits_to_f32(self.data[ids], self.format == "bf16")
 
     def __getitem__(self, index):
@@ -410,18 +434,27 @@ def linear_into(x, weight, bias, act, epilogue, out):
     """
     bias = NO_BIAS if bias is None else bias
     M = x.shape[0]
+    if isinstance(weight, StackedWeight):  # a GGUF file's q, k, v (gate, up) kept as the file stores each
+        return weight.linear_into(x, bias, act, epilogue, out)
     if M <= SMALL_M:
         if weight.format == "fp32":
             _linear_f32(x, weight.data, bias, act, epilogue, out)
         elif weight.format == "int8":
             _linear_q8(x, weight.data, weight.scales, bias, act, epilogue, out)
+        elif weight.format in GGUF_BLOCKS:
+            _linear_gguf(x, _block_sums(weight.format, x), weight.data, gguf_blocks.kind_of(weight.format), bias,
+                         act, epilogue, out)
         else:
             _linear_half(x, weight.data, weight.format == "bf16", bias, act, epilogue, out)
         return out
-    # many rows: GEMMs (accel.blas: MKL when installed, else NumPy's BLAS) over tiles of W, then the epilogue
+    # many rows: GEMMs (accel.cpu.blas: MKL when installed, else NumPy's BLAS) over tiles of W, then the epilogue
     if epilogue == STORE and bias.shape[0] == 0:
         return _matmul_tiles(x, weight, out)
-    y = _matmul_tiles(x, weight, _scratch_rows(M, weight.shape[0]))  # [M, O]
+    return _epilogue(_matmul_tiles(x, weight, _scratch_rows(M, weight.shape[0])), bias, act, epilogue, out)
+
+
+def _epilogue(y, bias, act, epilogue, out):
+    """out <- epilogue(y + b) for a product y [M, O] already in a scratch (the BLAS path's second pass)."""
     if act not in NUMBA_EPILOGUE_ACTS and epilogue in (ACT, GATED):
         # tanh / erf / log1p activations: refimpl's own vectorised NumPy expressions (Numba calls scalar libm)
         if bias.shape[0]:
@@ -484,8 +517,117 @@ def _epilogue_rows(y, bias, act, epilogue, out):
                 out[m, o] = _act(y[m, o] + b[o], act)
 
 
+def _block_sums(kind, x):
+    """Q4_K / Q5_K: the sums of x [M, D] over each sub-block of 32 (their mins multiply them); else a dummy."""
+    if kind in ("Q4_K", "Q5_K"):
+        M, D = x.shape
+        return np.ascontiguousarray(x.reshape(M, D // 32, 32).sum(axis=2, dtype=np.float32))
+    return np.zeros((x.shape[0], 1), np.float32)
+
+
+@njit(parallel=True, fastmath=FASTMATH)
+def _gated_gguf(x, xs_gate, xs_up, gate, up, kind_gate, kind_up, act, out):
+    """out[m, f] <- act(x[m] . dequant(gate[f])) * (x[m] . dequant(up[f])) for a few rows m, gate and up two matrices
+    of the file (each of its own block type), dequantized in registers.  twin: refimpl.llama.mlp's first three lines"""
+    F = out.shape[1]
+    for task in prange((F + 1) // 2):
+        r0 = 2 * np.int64(task)
+        r1 = min(r0 + 1, F - 1)
+        for m in range(x.shape[0]):
+            g0, g1 = gguf_blocks._dot2(kind_gate, gate[r0], gate[r1], x[m], xs_gate[m])
+            u0, u1 = gguf_blocks._dot2(kind_up, up[r0], up[r1], x[m], xs_up[m])
+            _finish(out, m, r0, g0, u0, act, GATED)
+            if r1 != r0:
+                _finish(out, m, r1, g1, u1, act, GATED)
+
+
+@njit(parallel=True, fastmath=FASTMATH)
+def _linear_gguf(x, xs, raw, kind, bias, act, epilogue, out):
+    """out[m, o] <- epilogue(x[m] . dequant(raw[o]) + b[o]) for a few rows m, raw the GGUF file's rows of blocks,
+    dequantized in registers (accel.cpu.gguf_blocks' dot products).  twin: refimpl.ops.linear"""
+    O = out.shape[1]
+    gated = epilogue == GATED
+    stride = _task_stride(O, gated)
+    for task in prange(stride):
+        t = np.int64(task)
+        r0, r1, r2, r3 = _task_rows(t, stride, O, gated)
+        for m in range(x.shape[0]):
+            a0, a1 = gguf_blocks._dot2(kind, raw[r0], raw[r1], x[m], xs[m])
+            a2, a3 = gguf_blocks._dot2(kind, raw[r2], raw[r3], x[m], xs[m])
+            _finish_task(out, m, t, stride, a0, a1, a2, a3, bias, r0, r1, r2, r3, act, epilogue)
+
+
+class StackedWeight:
+    """Matrices stacked along their rows without a copy: a GGUF file's q, k, v (or gate, up) each kept as the file
+    stores it, their block types possibly different (llama.cpp's Q4_K_M keeps v in Q6_K). A product runs each part
+    into its columns of one scratch, then the epilogue runs once over it."""
+
+    __array_ufunc__ = None
+    dtype = np.dtype(np.float32)
+    ndim = 2
+    format = "gguf"
+    scales = None
+
+    def __init__(self, parts):
+        if len({p.shape[1] for p in parts}) != 1:
+            raise ConfigError(f"stacked matrices of different widths: {[list(p.shape) for p in parts]}")
+        self.parts = list(parts)
+        self.shape = (sum(p.shape[0] for p in parts), parts[0].shape[1])
+
+    @property
+    def nbytes(self):
+        return sum(p.nbytes for p in self.parts)
+
+    @property
+    def T(self):
+        return _Transposed(self)
+
+    def linear_into(self, x, bias, act, epilogue, out):
+        """linear_into on the parts. Decode (few rows, no bias): q, k, v each written straight into its columns of
+        out, and gate, up read by one kernel that applies act(gate) * up as it writes; else the parts into a scratch
+        and the epilogue over it."""
+        few = x.shape[0] <= SMALL_M and bias.shape[0] == 0
+        if few and epilogue == STORE:
+            start = 0
+            for part in self.parts:
+                linear_into(x, part, None, 0, STORE, out[:, start:start + part.shape[0]])
+                start += part.shape[0]
+            return out
+        if few and epilogue == GATED and all(p.format in GGUF_BLOCKS for p in self.parts) and len(self.parts) == 2:
+            gate, up = self.parts
+            _gated_gguf(x, _block_sums(gate.format, x), _block_sums(up.format, x), gate.data, up.data,
+                        gguf_blocks.kind_of(gate.format), gguf_blocks.kind_of(up.format), act, out)
+            return out
+        return _epilogue(self.product(x, _scratch_rows(x.shape[0], self.shape[0])), bias, act, epilogue, out)
+
+    def product(self, x, y):
+        """y [M, O] <- x @ W^T, part by part."""
+        start = 0
+        for part in self.parts:
+            stop = start + part.shape[0]
+            if x.shape[0] <= SMALL_M:
+                column = np.empty((x.shape[0], part.shape[0]), np.float32)
+                linear_into(x, part, None, 0, STORE, column)
+                y[:, start:stop] = column
+            else:
+                _matmul_tiles(x, part, y[:, start:stop])
+            start = stop
+        return y
+
+    def dequantize(self, out=None):
+        out = np.empty(self.shape, np.float32) if out is None else out
+        start = 0
+        for part in self.parts:
+            part.dequantize(out=out[start:start + part.shape[0]])
+            start += part.shape[0]
+        return out
+
+    def __repr__(self):
+        return f"StackedWeight({', '.join(f'{p.format} {list(p.shape)}' for p in self.parts)})"
+
+
 def as_weight(weight):
-    return weight if isinstance(weight, Weight) else Weight("fp32", writable(weight))
+    return weight if isinstance(weight, (Weight, StackedWeight)) else Weight("fp32", writable(weight))
 
 
 def linear(x, weight, bias=None):

@@ -27,6 +27,9 @@ class Stored(NamedTuple):
     # uint16 bits, quantized blocks dequantized to float32. What refimpl.stored.StoredMatrix reads tile by tile.
     rows: Optional[Callable[[int, int], np.ndarray]] = None
     view: bool = True  # load() returns a view of the file; False when it builds a copy (joined shards, permuted rows)
+    # GGUF quantized tensors: () -> (uint8 [rows, bytes a row] of the file's blocks, the file row of each model row or
+    # None). What a backend that computes on the blocks themselves reads (accel's weights="gguf"); refimpl dequantizes.
+    blocks: Optional[Callable[[], tuple]] = None
 
 
 def bf16_to_f32(bits: np.ndarray) -> np.ndarray:

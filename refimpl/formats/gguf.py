@@ -391,7 +391,15 @@ def _stored(path, gguf, tensor, heads) -> Stored:
         block = data[start:stop] if order is None else data[order[start:stop]]
         return values(block, (stop - start, *shape[1:]))
 
-    return Stored(kind, shape, tensor.nbytes, load, rows, view=heads is None and kind in DIRECT)
+    def blocks():
+        nonlocal order
+        if heads is not None and order is None:
+            order = unpermute(path, tensor.name, np.arange(shape[0]), heads)
+        return data, order
+
+    quantized = kind not in VIEWS and len(shape) == 2
+    return Stored(kind, shape, tensor.nbytes, load, rows, view=heads is None and kind in DIRECT,
+                  blocks=blocks if quantized else None)
 
 
 def unpermute(path: str, name: str, w: np.ndarray, n_head: int) -> np.ndarray:
