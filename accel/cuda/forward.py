@@ -70,20 +70,21 @@ def upload(entries, cfg, xp):
     """accel.packing.iter_packed's entries, packed on the host one layer at a time -> the device tree: Weights as
     DeviceWeights (a tied one once), other arrays float32 on the device, the small heads kept on the host; OPT's
     LayerNorms without elementwise affine get ones / zeros (exact: y * 1 + 0), which the kernel takes."""
-    done = {}
+    def device(leaf):
+        return DeviceWeight.from_host(leaf, xp) if hasattr(leaf, "format") else upload_array(xp, leaf)
+
+    top = {}  # ties are between top-level matrices (embed_tokens, lm_head): the same host leaf, one upload
     out = {"layers": [{} for _ in range(cfg.num_hidden_layers)]}
     for name, leaf in entries:
         if name in HEAD_ARRAYS:
             out[name] = np.array(leaf, dtype=F32)  # refimpl's heads run on the host final hidden state
-            continue
-        if id(leaf) not in done:  # the host leaf stays referenced in `done`, so its id stays unique
-            done[id(leaf)] = (leaf, DeviceWeight.from_host(leaf, xp) if hasattr(leaf, "format")
-                              else upload_array(xp, leaf))
-        if name.startswith("layers."):
+        elif name.startswith("layers."):  # uploaded and let go: the host holds one layer at a time
             _, i, key = name.split(".", 2)
-            out["layers"][int(i)][key] = done[id(leaf)][1]
+            out["layers"][int(i)][key] = device(leaf)
         else:
-            out[name] = done[id(leaf)][1]
+            if id(leaf) not in top:  # the host leaf stays referenced here, so its id stays unique
+                top[id(leaf)] = (leaf, device(leaf))
+            out[name] = top[id(leaf)][1]
     if cfg.family == "opt":
         ones, zeros = xp.ones(cfg.hidden_size, F32), xp.zeros(cfg.hidden_size, F32)
         for layer in out["layers"]:
