@@ -48,7 +48,7 @@ def layer_norm(x, weight, bias, xp):
     return ops.layer_norm(x, weight, bias, 1e-5, xp.empty_like(x))
 
 
-class _Stack:
+class _Recorded:
     """What one forward collects: hidden states (device copies) and attention maps when asked for."""
 
     def __init__(self, want_hidden, want_attentions):
@@ -132,22 +132,22 @@ def llama_model(dparams, cfg, rope_state, input_ids=None, inputs_embeds=None, at
     eps, act = float(cfg.rms_norm_eps), activation_code(cfg.hidden_act, NAME)
     h = xp.empty((B * S, D), F32)
     gated = xp.empty((B * S, cfg.intermediate_size), F32)
-    stack = _Stack(want_hidden, want_attentions)
+    recorded = _Recorded(want_hidden, want_attentions)
     for i, layer in enumerate(dparams["layers"]):
-        stack.layer_input(x, (B, S, D))
+        recorded.layer_input(x, (B, S, D))
         ops.rms_norm(x, layer["input_layernorm"], eps, h)
         qkv4 = xp.ascontiguousarray(linear(h, layer["qkv"], layer.get("qkv_bias"))).reshape(B, S, H + 2 * Hkv, Dh)
         ops.apply_rotary_(qkv4, H + Hkv, cos, sin)  # q and k heads, in place
         context, probs = attention(qkv4, H, Hkv, storage, i, T, plan, divisor, clamp, xp)
-        stack.probs(probs)
+        recorded.probs(probs)
         linear(context, layer["o_proj"], None if tp else layer.get("o_proj_bias"), out=x, add=True)  # x += o(ctx)
         ops.rms_norm(x, layer["post_attention_layernorm"], eps, h)
         ops.gated_act(xp.ascontiguousarray(linear(h, layer["gate_up"], layer.get("gate_up_bias"))), act, gated)
         linear(gated, layer["down_proj"], None if tp else layer.get("down_proj_bias"), out=x, add=True)
     storage.filled = T + S
     x = ops.rms_norm(x, dparams["norm"], eps, xp.empty_like(x)).reshape(B, S, D)
-    stack.hidden.append(x)  # the last entry is after the final norm
-    return x, tuple(stack.hidden), tuple(stack.attentions), KVCache(storage, T + S), rope_state
+    recorded.hidden.append(x)  # the last entry is after the final norm
+    return x, tuple(recorded.hidden), tuple(recorded.attentions), KVCache(storage, T + S), rope_state
 
 
 def llama_lm_weight(dparams, cfg):
@@ -193,9 +193,9 @@ def opt_model(dparams, cfg, input_ids=None, inputs_embeds=None, attention_mask=N
     pre, act = cfg.do_layer_norm_before, activation_code(cfg.activation_function, NAME)
     q_scale = F32(Dh ** -0.5)
     ffn = xp.empty((B * S, cfg.ffn_dim), F32)
-    stack = _Stack(want_hidden, want_attentions)
+    recorded = _Recorded(want_hidden, want_attentions)
     for i, layer in enumerate(dparams["layers"]):
-        stack.layer_input(x, (B, S, D))
+        recorded.layer_input(x, (B, S, D))
         ln1 = (layer["self_attn_layer_norm"], layer["self_attn_layer_norm_bias"], xp)
         ln2 = (layer["final_layer_norm"], layer["final_layer_norm_bias"], xp)
         h = layer_norm(x, *ln1) if pre else x
@@ -203,7 +203,7 @@ def opt_model(dparams, cfg, input_ids=None, inputs_embeds=None, attention_mask=N
         qkv[:, :D] *= q_scale  # q is scaled after its bias
         context, probs = attention(qkv.reshape(B, S, 3 * H, Dh), H, H, storage, i, T, plan, F32(1.0), True, xp,
                                    None if head_mask is None else head_mask[i])
-        stack.probs(probs)
+        recorded.probs(probs)
         linear(context, layer["out_proj"], layer.get("out_proj_bias"), out=x, add=True)  # x += out_proj(ctx)
         if not pre:
             x = layer_norm(x, *ln1)  # 350m: LayerNorm after the residual
@@ -218,8 +218,8 @@ def opt_model(dparams, cfg, input_ids=None, inputs_embeds=None, attention_mask=N
     if "project_out" in dparams:
         x = linear(x, dparams["project_out"])  # [M, D] -> [M, E]
     x = x.reshape(B, S, -1)
-    stack.hidden.append(x)  # after the final LN and project_out
-    return x, tuple(stack.hidden), tuple(stack.attentions), KVCache(storage, T + S)
+    recorded.hidden.append(x)  # after the final LN and project_out
+    return x, tuple(recorded.hidden), tuple(recorded.attentions), KVCache(storage, T + S)
 
 
 # --- what the model classes call (accel.models): the same five names in accel/cpu/forward.py ----------------------
