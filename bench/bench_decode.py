@@ -21,8 +21,8 @@ Warm-up (one pp, 8 tg steps, Numba's compile) is excluded; each figure is the me
          and the lm_head in the engine's storage, bytes_per_token) / the read bandwidth measured after the rounds
          (measure_bandwidth: the best parallel sum over 512 MiB, --threads threads)
 Engines: numpy, torch, accel-<fp32|fp16|bf16|int8>[-t1|-npblas|-passive|-active|-spin10k], accel-gguf-<q8_0|q4_0|
-q4_k_m> (weights="gguf" on the GGUF file llama.cpp reads; K-quants need rows of 256: the 110M shape), llamacpp-<f32|
-f16|q8_0|q4_0|q4_k_m>; ENGINE@base runs from --baseline's tree (before / after in one run).
+q5_0|q4_k|q6_k|q4_k_m> (weights="gguf" on the GGUF file llama.cpp reads; K-quants need rows of 256: the 110M
+shape), llamacpp-<f32|f16|q8_0|q4_0|q5_0|q4_k|q6_k|q4_k_m>; ENGINE@base runs from --baseline's tree (before / after in one run).
 accel's prompt products run on MKL when the mkl wheel is installed (accel/cpu/blas.py); the accel-fp32-npblas row is
 the same engine with REFIMPL_BLAS=numpy (NumPy's bundled OpenBLAS), the baseline for that choice.
 accel's Numba compile time is measured separately, in a process with an empty NUMBA_CACHE_DIR (cold) and again
@@ -63,7 +63,8 @@ LLAMA_DEFAULTS = {"rms_norm_eps": 1e-5, "rope_theta": 10000.0, "hidden_act": "si
                   "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": "float32"}
 ENGINES = ["numpy", "accel-fp32", "accel-fp32-npblas", "accel-int8", "torch", "llamacpp-f32", "llamacpp-q8_0"]
 OPTIONAL_ENGINES = ["accel-fp16", "accel-bf16", "llamacpp-f16", "accel-gguf-q8_0", "accel-gguf-q4_0",
-                    "accel-gguf-q4_k_m", "llamacpp-q4_0", "llamacpp-q4_k_m"]
+                    "accel-gguf-q5_0", "accel-gguf-q4_k", "accel-gguf-q6_k", "accel-gguf-q4_k_m", "llamacpp-q4_0",
+                    "llamacpp-q5_0", "llamacpp-q4_k", "llamacpp-q6_k", "llamacpp-q4_k_m"]
 # An engine name ending in "@base" runs from the source tree given by --baseline (e.g. a git worktree of the commit
 # before a change): its worker is that tree's bench_decode.py, importing that tree's refimpl and accel. So a change
 # is measured against its baseline in one run, interleaved (docs/accel.md: before / after).
@@ -161,6 +162,8 @@ def write_gguf(path, cfg, tensors, qtype):
         elif qtype == "Q4_K_M":  # llama.cpp's mix: Q6_K for attn_v, ffn_down, output; Q4_K for the rest
             t = q4_k_m_type(gname)
             writer.add_tensor(gname, QUANTIZERS[t](a), raw_dtype=gguf.GGMLQuantizationType[t])
+        elif qtype in QUANTIZERS:  # Q4_K, Q6_K: tests/support/kquants.py (gguf-py cannot make K-quants)
+            writer.add_tensor(gname, QUANTIZERS[qtype](a), raw_dtype=kind)
         else:
             writer.add_tensor(gname, gguf.quants.quantize(a, kind), raw_dtype=kind)
     writer.write_header_to_file()
@@ -612,7 +615,7 @@ def _imports(module):
 
 # Bytes a weight of each engine's storage (GGUF blocks: bytes a block / weights a block; Q4_K_M: its mix, per matrix)
 BYTES_PER_WEIGHT = {"fp32": 4.0, "f32": 4.0, "fp16": 2.0, "f16": 2.0, "bf16": 2.0, "int8": 1.125, "q8_0": 34 / 32,
-                    "q4_0": 18 / 32, "q4_k": 144 / 256, "q6_k": 210 / 256}
+                    "q4_0": 18 / 32, "q5_0": 22 / 32, "q4_k": 144 / 256, "q6_k": 210 / 256}
 
 
 def storage_of(engine):
