@@ -110,7 +110,8 @@ def add_backend_arguments(parser):
                        help="numpy: refimpl itself (default); numba: accel's CPU kernels; cuda: accel's GPU kernels "
                             "(CuPy, NVIDIA)")
     group.add_argument("--weights", choices=WEIGHT_FORMATS, default=None,
-                       help="weight storage for --backend numba or cuda: fp32 (default), fp16, bf16, int8 (Q8_0); gguf (numba, a .gguf file): its own blocks (Q8_0, Q4_0, Q5_0, Q4_K, Q5_K, Q6_K) computed on in place")
+                       help="weight storage for --backend numba or cuda: fp32 (default), fp16, bf16, int8 (Q8_0); "
+                            "gguf (numba, a .gguf file): its own blocks (Q8_0, Q4_0, Q5_0, Q4_K, Q5_K, Q6_K) in place")
     group.add_argument("-t", "--threads", type=positive_int, default=None,
                        help="threads for --backend numba (default: the cores this process may use: affinity, cgroup quota)")
     return parser
